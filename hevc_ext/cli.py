@@ -1,0 +1,360 @@
+"""The ``hevc-nlf`` command line: the only place that parses argv, prints, or exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import NlfError, UsageError
+
+log = logging.getLogger("hevc_ext.cli")
+
+
+# ------------------------------------------------------------------------------------------ progress
+class ProgressPrinter:
+    """One status line on stderr: rewritten in place on a terminal, throttled lines otherwise."""
+
+    def __init__(self, stream: Any = None, enabled: bool = True) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last = 0.0
+        self._width = 0
+        self._start = time.perf_counter()
+
+    def __call__(self, stage: str, done: int, total: int, message: str) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        final = total and done >= total
+        if not final and now - self._last < (0.2 if self.tty else 5.0):
+            return
+        self._last = now
+        pct = f" {done}/{total}" if total else ""
+        text = f"[{now - self._start:6.1f}s] {stage}: {message}{pct}"
+        if self.tty:
+            pad = max(0, self._width - len(text))
+            self.stream.write("\r" + text + " " * pad)
+            self._width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress and no log output below errors")
+
+
+def _add_input_format(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("raw input format (default: from the name Name_WxH_fps.yuv)")
+    g.add_argument("--size", metavar="WxH", help="frame size of a raw .yuv input")
+    g.add_argument("--fps", metavar="F", help="frame rate (e.g. 50, 30000:1001)")
+    g.add_argument("--bitdepth", type=int, choices=(8, 10, 12), help="sample bit depth of a raw input (default 8)")
+
+
+def _add_filter_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filter")
+    g.add_argument("--pack", default="default", metavar="P",
+                   help="luma pixel packing: default (paper: 2x2 for >=2560x1600, 1x2 for 1080p, else 1x1), "
+                        "auto (trained and chosen per segment by RD cost), 1x1, 1x2, 2x1, 2x2 (default: %(default)s)")
+    g.add_argument("--pack-uv", default=None, metavar="P",
+                   help="chroma pixel packing (default: 1x1, or auto with --pack auto)")
+    g.add_argument("--layers", type=_positive_int, default=5, help="layers of both networks (default: %(default)s)")
+    g.add_argument("--filters", type=_positive_int, default=12, help="filters per layer (default: %(default)s)")
+    g.add_argument("--uv-layers", type=_positive_int, default=None, help="layers of the chroma network")
+    g.add_argument("--uv-filters", type=_positive_int, default=None, help="filters of the chroma network")
+    g.add_argument("--iterations", type=_nonneg_int, default=None, help="training steps per network (default 600)")
+    g.add_argument("--batch", type=_positive_int, default=None, help="patches per batch (default 64)")
+    g.add_argument("--patch", type=_positive_int, default=None, help="patch size (default 48)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.02)")
+    g.add_argument("--seed", type=int, default=None, help="training seed (default 1234)")
+    g.add_argument("--weight-bits", default=None, metavar="LIST",
+                   help="candidate weight bit widths b_w, e.g. 8,6,5 (the encoder picks per record by RD cost)")
+    g.add_argument("--hash", choices=("md5", "crc32", "none"), default="md5",
+                   help="hash of the filtered pictures carried by each record (default: %(default)s)")
+    g.add_argument("--no-filter", action="store_true", help="encode only: every record 'off' (anchor runs)")
+    g.add_argument("--lambda-scale", type=float, default=1.0, help="scale of the RD multiplier (default 1)")
+    g.add_argument("--threads", type=_nonneg_int, default=0, help="torch threads for training (0: torch default)")
+
+
+def _add_coding_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("coding")
+    g.add_argument("--mode", default="ra", help="ra (random access), ldb (low-delay B), ldp (low-delay P) "
+                                                 "(default: %(default)s)")
+    g.add_argument("--codec", default="x265", help="x265 (built into av; default) or hm (HEVC_NLF_HM_DIR)")
+    g.add_argument("--qp", type=int, default=32, help="quantization parameter (default: %(default)s)")
+    g.add_argument("--frames", type=_positive_int, default=None, help="frames to encode (default: all)")
+    g.add_argument("--intra-period", type=_positive_int, default=32,
+                   help="random access: pictures between intra pictures = filter segment length (default 32)")
+    g.add_argument("--gop", type=_positive_int, default=5,
+                   help="low delay: pictures per filter GoP, 1..5 in the paper (default: %(default)s)")
+    g.add_argument("--kernel", default="auto", choices=("auto", "cuda", "cpu", "reference"),
+                   help="filter implementation (default: %(default)s)")
+    g.add_argument("--keep-tmp", action="store_true", help="keep the working directory (logs, recon)")
+
+
+def _encoder_config(args: argparse.Namespace) -> Any:
+    from .arch import Architecture
+    from .backends import CodingConfig
+    from .pipeline import DEFAULT_QUANT_CANDIDATES, EncoderConfig, parse_packing
+    from .quant import QuantConfig
+    from .sidecar import HashType
+
+    coding = CodingConfig(args.mode, args.qp, args.intra_period, args.frames)
+    train_kw = {k: getattr(args, k) for k in ("iterations", "batch", "patch", "lr", "seed")
+                if getattr(args, k) is not None}
+    if args.threads:
+        train_kw["threads"] = args.threads
+    from .train import TrainConfig
+
+    tcfg = TrainConfig(**train_kw)
+    quant = DEFAULT_QUANT_CANDIDATES
+    if args.weight_bits:
+        try:
+            bits = [int(b) for b in args.weight_bits.split(",")]
+        except ValueError:
+            raise UsageError(f"--weight-bits: expected a list like 8,6,5, got {args.weight_bits!r}") from None
+        quant = tuple(QuantConfig(weight_bits=b, bias_bits=10 if b >= 7 else 8, scale_bits=4 if b >= 6 else 2)
+                      for b in bits)
+    return EncoderConfig(
+        coding=coding, codec=args.codec, ld_gop=args.gop,
+        arch_y=Architecture(args.layers, args.filters),
+        arch_uv=Architecture(args.uv_layers or args.layers, args.uv_filters or args.filters),
+        packing=parse_packing(args.pack), packing_uv=parse_packing(args.pack_uv) if args.pack_uv else None,
+        train=tcfg, quant_candidates=quant, hash_type=HashType[args.hash.upper()], kernel=args.kernel,
+        lambda_scale=args.lambda_scale, filter_enabled=not args.no_filter, keep_tmp=args.keep_tmp)
+
+
+def _default_base(input_path: str) -> str:
+    if input_path == "-":
+        return "stdin_nlf"
+    return Path(input_path).with_suffix("").name
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .pipeline import encode
+
+    config = _encoder_config(args)
+    base = args.output or _default_base(args.input)
+    progress = ProgressPrinter(enabled=not (args.json or args.quiet))
+    try:
+        report = encode(args.input, base, config, size=args.size, fps=args.fps, bitdepth=args.bitdepth,
+                        progress=progress)
+    finally:
+        progress.close()
+    data = report.data
+    if not args.per_frame:
+        data = {k: v for k, v in data.items() if k != "per_frame"}
+        for seg in data["segments"]:
+            for g in seg["groups"].values():
+                g.pop("candidates", None)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        _print_encode_summary(report)
+    return 0
+
+
+def _print_encode_summary(report: Any) -> None:
+    d = report.data
+    print(f"{d['codec_version']} {d['mode']} QP {d['qp']}: {report.summary_line()}")
+    print(f"  rate {d['kbps_before']:.2f} kbps → {d['kbps_after']:.2f} kbps with side information; "
+          f"{d['mac_per_pixel']:.0f} MAC/pixel; {d['encode_seconds']:.1f} s "
+          f"(backend {d['backend_seconds']:.1f} s, training {d['train_seconds']:.1f} s)")
+    for seg in d["segments"]:
+        parts = []
+        for name, g in seg["groups"].items():
+            detail = f"{g['decision']}" + (f" {g['packing']} b_w={g['quant']['weight_bits']}" if g["quant"] else "")
+            parts.append(f"{name}: {detail} ({g['side_bytes']} B)")
+        pb, pa = seg["psnr_before"], seg["psnr_after"]
+        print(f"  segment {seg['index']} frames {seg['first_frame']}..{seg['first_frame'] + seg['frames'] - 1}: "
+              + ", ".join(parts)
+              + f"; ΔPSNR {pa['y'] - pb['y']:+.3f}/{pa['u'] - pb['u']:+.3f}/{pa['v'] - pb['v']:+.3f}")
+    if d.get("outputs"):
+        print(f"  wrote {d['outputs']['hevc']} and {d['outputs']['side']}")
+    for c in d.get("commands", []):
+        print(f"  backend command: {c}")
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from .pipeline import decode
+
+    progress = ProgressPrinter(enabled=not (args.json or args.quiet or args.output == "-"))
+    try:
+        rep = decode(args.stream, args.output, args.sidecar, kernel=args.kernel, progress=progress, fps=args.fps)
+    finally:
+        progress.close()
+    info = {"frames": rep.frames, "width": rep.width, "height": rep.height, "bitdepth": rep.bitdepth,
+            "records_applied": rep.filtered_records, "records_verified": rep.verified_records,
+            "kernel": rep.kernel, "seconds": round(rep.seconds, 3), "output": args.output}
+    if args.json:
+        (sys.stderr if args.output == "-" else sys.stdout).write(json.dumps(info, indent=2) + "\n")
+    elif args.output != "-":
+        print(f"decoded {rep.frames} pictures {rep.width}x{rep.height} {rep.bitdepth}-bit with the {rep.kernel} "
+              f"kernel; {rep.verified_records} records verified; wrote {args.output} ({rep.seconds:.2f} s)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    data = collect_info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"hevc-nlf {data['version']} (python {data['python']})")
+    for name, ver in data["packages"].items():
+        print(f"  {name:12s} {ver}")
+    print("backends:")
+    for name, b in data["backends"].items():
+        state = "available" if b["available"] else "unavailable"
+        print(f"  {name:12s} {state}: {b['detail']}" + (f" [{b['version']}]" if b.get("version") else ""))
+    print("kernels:")
+    kr = data["kernels"]
+    for name, k in kr.get("kernels", {}).items():
+        print(f"  {name:12s} {'available' if k.get('available') else 'unavailable'}: {k.get('reason', '')}")
+    print(f"  active: {kr.get('active')}")
+    return 0
+
+
+def collect_info() -> dict:
+    import platform
+
+    import av
+    import numpy
+
+    from .backends import BACKENDS, get_backend
+    from .kernels import kernel_report
+
+    packages: dict[str, str] = {"numpy": numpy.__version__, "av": av.__version__}
+    try:
+        import constriction  # noqa: F401
+        from importlib.metadata import version
+
+        packages["constriction"] = version("constriction")
+    except Exception:  # pragma: no cover - constriction is a dependency
+        packages["constriction"] = "missing"
+    try:
+        import torch
+
+        packages["torch"] = torch.__version__
+    except ImportError:
+        packages["torch"] = "not installed (needed for encoding only)"
+    packages["ffmpeg"] = ".".join(str(v) for v in av.library_versions.get("libavcodec", ())) + " (libavcodec)"
+    backends = {}
+    for name in BACKENDS:
+        try:
+            b = get_backend(name)
+            ok, why = b.availability()
+            backends[name] = {"available": ok, "detail": why, "version": b.version() if ok else None}
+        except NlfError as exc:
+            backends[name] = {"available": False, "detail": str(exc), "version": None}
+    return {"version": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "packages": packages, "backends": backends, "kernels": kernel_report()}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hevc-nlf", description="Online-trained CNN filter for HEVC "
+                                     "(Klopp, Chen & Chien): encode, decode, evaluate.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hevc-nlf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("encode", help="encode a video and train its filter",
+                       description="Encode INPUT with an HEVC backend, train the filter per segment, and "
+                                   "write BASE.hevc and BASE.nlf (the side stream).")
+    p.add_argument("input", help="raw .yuv (Name_WxH_fps.yuv), .y4m, or - (Y4M on stdin)")
+    p.add_argument("-o", "--output", metavar="BASE", help="output base name (default: input name)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+    p.add_argument("--per-frame", action="store_true", help="include per-frame figures and candidates in --json")
+    _add_coding_options(p)
+    _add_filter_options(p)
+    _add_input_format(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decode a stream and apply its filter",
+                       description="Decode STREAM, rebuild the integer filters from the side stream, filter, "
+                                   "verify the hashes and write the pictures.")
+    p.add_argument("stream", help="HEVC elementary stream (.hevc)")
+    p.add_argument("--sidecar", metavar="FILE", help="side stream (.nlf); without it: the plain decode")
+    p.add_argument("-o", "--output", required=True, help="output .yuv, .y4m, or - (Y4M on stdout)")
+    p.add_argument("--kernel", default="auto", choices=("auto", "cuda", "cpu", "reference"))
+    p.add_argument("--fps", help="frame rate written to Y4M output (default: from the side stream, else 25)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary (to stderr when -o -)")
+    _add_common(p)
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("info", help="versions, backends and kernels available here")
+    p.add_argument("--json", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_info)
+
+    from . import cli_extra
+
+    cli_extra.register(sub, _add_common)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="hevc-nlf: %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("hevc_ext").setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
+    try:
+        return int(args.func(args) or 0)
+    except NlfError as exc:
+        sys.stderr.write(f"hevc-nlf: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("hevc-nlf: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # the reader of our stdout went away (e.g. `| head`); not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        except OSError:
+            pass
+        return 141
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""HEVC decoding with av (FFmpeg's decoder): pictures in display order as integer planes.
+
+Used by the x265 backend to obtain the reconstruction and by the decoder for every backend's streams
+(HM's and av's decoders gave identical pictures in every case we compared, see docs/hm.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import av
+import numpy as np
+
+from .errors import InputFormatError
+from .yuv import Frame, VideoFormat
+
+_PIX_BITDEPTH = {"yuv420p": 8, "yuvj420p": 8, "yuv420p10le": 10, "yuv420p12le": 12}
+
+
+def frame_to_planes(frame: "av.VideoFrame") -> Frame:
+    name = frame.format.name
+    if name not in _PIX_BITDEPTH:
+        raise InputFormatError(f"decoded pictures are {name}; only 4:2:0 (8/10/12-bit) is supported")
+    w, h = frame.width, frame.height
+    flat = frame.to_ndarray().reshape(-1)
+    cw, ch = w // 2, h // 2
+    y = flat[: w * h].reshape(h, w)
+    u = flat[w * h: w * h + cw * ch].reshape(ch, cw)
+    v = flat[w * h + cw * ch: w * h + 2 * cw * ch].reshape(ch, cw)
+    return Frame(y, u, v)
+
+
+def planes_to_frame(frame: Frame, bitdepth: int) -> "av.VideoFrame":
+    h, w = frame.y.shape
+    fmt = "yuv420p" if bitdepth == 8 else "yuv420p10le" if bitdepth == 10 else "yuv420p12le"
+    dtype = np.uint8 if bitdepth == 8 else np.uint16
+    flat = np.concatenate([np.asarray(p, dtype).reshape(-1) for p in frame.planes])
+    return av.VideoFrame.from_ndarray(flat.reshape(-1, w), format=fmt)
+
+
+def pixel_format(bitdepth: int) -> str:
+    if bitdepth == 8:
+        return "yuv420p"
+    if bitdepth in (10, 12):
+        return f"yuv420p{bitdepth}le"
+    raise InputFormatError(f"bit depth {bitdepth} is not supported by the av backend (8, 10, 12)")
+
+
+def _chunks(data: bytes | Path | str, size: int = 1 << 16) -> Iterator[bytes]:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data)
+        for i in range(0, len(view), size):
+            yield bytes(view[i:i + size])
+        return
+    with open(data, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
+class HevcDecoder:
+    """Push Annex-B bytes, get decoded pictures (display order). ``bitdepth`` is known after the first."""
+
+    def __init__(self) -> None:
+        self._codec = av.CodecContext.create("hevc", "r")
+        self.bitdepth: int | None = None
+        self.frames_out = 0
+
+    def _convert(self, frames: Iterable["av.VideoFrame"]) -> list[Frame]:
+        out = []
+        for frame in frames:
+            if self.bitdepth is None:
+                self.bitdepth = _PIX_BITDEPTH.get(frame.format.name)
+            out.append(frame_to_planes(frame))
+        self.frames_out += len(out)
+        return out
+
+    def push(self, chunk: bytes) -> list[Frame]:
+        try:
+            out: list[Frame] = []
+            for packet in self._codec.parse(chunk):
+                out += self._convert(self._codec.decode(packet))
+            return out
+        except av.error.FFmpegError as exc:
+            raise InputFormatError(f"HEVC decoding failed: {exc}") from None
+
+    def flush(self) -> list[Frame]:
+        try:
+            out: list[Frame] = []
+            for packet in self._codec.parse(None):
+                out += self._convert(self._codec.decode(packet))
+            out += self._convert(self._codec.decode(None))
+            return out
+        except av.error.FFmpegError as exc:
+            raise InputFormatError(f"HEVC decoding failed: {exc}") from None
+
+
+def decode_frames(data: bytes | Path | str | Iterable[bytes], decoder: HevcDecoder | None = None) -> Iterator[Frame]:
+    """Decode an HEVC Annex-B elementary stream (bytes, a file, or an iterable of byte chunks)."""
+    dec = decoder if decoder is not None else HevcDecoder()
+    chunks = data if not isinstance(data, (bytes, bytearray, memoryview, Path, str)) else _chunks(data)
+    for chunk in chunks:
+        yield from dec.push(chunk)
+    yield from dec.flush()
+
+
+def stream_format(frame: Frame, bitdepth: int, fps) -> VideoFormat:
+    h, w = frame.y.shape
+    return VideoFormat(w, h, fps, bitdepth)

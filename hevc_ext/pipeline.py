@@ -1,0 +1,575 @@
+"""The one orchestrator: encode (backend → segments → training → quantization → decision → side
+stream) and decode (HEVC decode → side stream → integer filter → pictures).
+
+The encoder decides with exactly what the decoder will compute: every candidate network is quantized,
+run through the integer filter (the fast kernel, bit-identical to the reference) on the whole segment,
+and charged the real size of its coded record. The decode path imports no torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .arch import ALL_PACKINGS, Architecture, Group, Packing
+from .backends import CodingConfig, get_backend
+from .errors import MismatchError, SideStreamError, UsageError
+from .gop import Segment, split
+from .hevcdec import HevcDecoder, decode_frames
+from .metrics import PsnrAccumulator, kbps, sse
+from .quant import QuantConfig, QuantizedNetwork, derive
+from .reference import IntNetwork
+from .sidecar import (HashType, PictureHash, Record, RecordType, SideStream, StreamHeader, check_stream_matches,
+                      picture_crc, record_payload)
+from .yuv import Frame, MemmapSource, VideoFormat, VideoSource, VideoWriter, atomic_output, is_y4m_name, open_video
+
+log = logging.getLogger("hevc_ext.pipeline")
+
+#: (stage, done, total, message) — stages: "encode", "train", "measure", "decode"
+ProgressFn = Callable[[str, int, int, str], None]
+
+DEFAULT_QUANT_CANDIDATES = (
+    QuantConfig(weight_bits=8, bias_bits=10, scale_bits=4),
+    QuantConfig(weight_bits=6, bias_bits=8, scale_bits=4),
+    QuantConfig(weight_bits=5, bias_bits=8, scale_bits=2),
+)
+
+
+def default_packing(width: int, height: int, group: Group) -> Packing:
+    """The paper's choice (§4.2, Table 12): luma 2x2 for ≥ 2560×1600, 1x2 for 1080p, else 1x1;
+    chroma always 1x1."""
+    if group is Group.UV:
+        return Packing(1, 1)
+    if width * height >= 2560 * 1600:
+        return Packing(2, 2)
+    if width * height >= 1920 * 1080:
+        return Packing(1, 2)
+    return Packing(1, 1)
+
+
+def parse_packing(text: str) -> str | Packing:
+    """``auto``, ``default`` or a packing like ``1x2``."""
+    if text in ("auto", "default"):
+        return text
+    return Packing.parse(text)
+
+
+def hm_lambda(qp: int, bitdepth: int) -> float:
+    """Lagrange multiplier (SSE per bit) of HM's mode decisions at this QP: 0.57·2^((QP−12)/3), scaled
+    to the bit depth."""
+    return 0.57 * 2.0 ** ((qp - 12) / 3.0) * 4.0 ** (bitdepth - 8)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    coding: CodingConfig = CodingConfig()
+    codec: str = "x265"
+    ld_gop: int = 5
+    arch_y: Architecture = Architecture()
+    arch_uv: Architecture = Architecture()
+    packing: str | Packing = "default"  # "default" (paper), "auto" (RD search) or a fixed packing
+    packing_uv: str | Packing | None = None  # None: as ``packing`` for "auto", else the paper's (1x1)
+    train: Any = None  # TrainConfig (import of torch deferred); None: defaults
+    quant_candidates: tuple[QuantConfig, ...] = DEFAULT_QUANT_CANDIDATES
+    hash_type: HashType = HashType.MD5
+    kernel: str = "auto"
+    lambda_scale: float = 1.0
+    reuse_factor: float = 1.1  # low delay: new parameters only if their gain exceeds 110 % of reuse
+    filter_enabled: bool = True
+    keep_tmp: bool = False
+    backend_options: tuple[tuple[str, Any], ...] = ()
+
+    def arch(self, group: Group) -> Architecture:
+        return self.arch_y if group is Group.Y else self.arch_uv
+
+    def packings(self, group: Group, width: int, height: int) -> tuple[Packing, ...]:
+        choice = self.packing if group is Group.Y else (
+            self.packing_uv if self.packing_uv is not None else ("auto" if self.packing == "auto" else "default"))
+        if choice == "auto":
+            return ALL_PACKINGS
+        if choice == "default":
+            return (default_packing(width, height, group),)
+        return (choice,)  # type: ignore[return-value]
+
+
+# -------------------------------------------------------------------------------------------- report
+@dataclass
+class GroupDecision:
+    group: Group
+    decision: str  # off | reuse | new | new_diff
+    packing: str | None
+    config: dict | None
+    side_bytes: int
+    sse_before: list[int]
+    sse_after: list[int]
+    candidates: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+@dataclass
+class EncodeReport:
+    data: dict
+
+    def summary_line(self) -> str:
+        d = self.data
+        pb, pa = d["psnr_before"], d["psnr_after"]
+        return (f"{d['frames']} frames, {d['hevc_bytes']} + {d['side_bytes']} side bytes; PSNR Y/U/V "
+                f"{pb['y']:.3f}/{pb['u']:.3f}/{pb['v']:.3f} → {pa['y']:.3f}/{pa['u']:.3f}/{pa['v']:.3f} dB "
+                f"({pa['y'] - pb['y']:+.3f}/{pa['u'] - pb['u']:+.3f}/{pa['v'] - pb['v']:+.3f})")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _group_planes(frame: Frame, group: Group) -> list[np.ndarray]:
+    planes = frame.planes
+    return [planes[i] for i in group.plane_indices]
+
+
+@contextlib.contextmanager
+def _workdir(keep: bool, parent: Path | None = None) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="hevc-nlf-", dir=parent))
+    try:
+        yield path
+    finally:
+        if keep:
+            log.info("kept temporary files in %s", path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def spool(source: VideoSource, workdir: Path, limit: int | None) -> MemmapSource:
+    """Copy a streamed source (a pipe) into a raw file so that it can be read more than once."""
+    path = workdir / "input.yuv"
+    n = 0
+    with open(path, "wb") as f:
+        writer = VideoWriter(f, source.fmt, y4m=False)
+        for frame in source:
+            writer.write(frame)
+            n += 1
+            if limit is not None and n >= limit:
+                break
+    if n == 0:
+        raise UsageError(f"{source.origin}: no frames")
+    return MemmapSource(str(path), source.fmt, 0, 0, n)
+
+
+@dataclass
+class _Candidate:
+    rtype: RecordType
+    network: QuantizedNetwork | None
+    intnet: IntNetwork | None
+    payload_bytes: int
+    sse: list[list[int]]  # per frame, per plane
+    digest: bytes
+    label: str
+
+    @property
+    def total_sse(self) -> int:
+        return sum(sum(f) for f in self.sse)
+
+
+class _Measure:
+    """Runs candidates over a segment with the integer filter and records SSE and output hash."""
+
+    def __init__(self, source: VideoSource, recon: VideoSource, segment: Segment, group: Group,
+                 bitdepth: int, hash_type: HashType, kernel: Any) -> None:
+        self.source, self.recon, self.segment, self.group = source, recon, segment, group
+        self.bitdepth, self.hash_type, self.kernel = bitdepth, hash_type, kernel
+        self.before = [[sse(o, r) for o, r in zip(_group_planes(source[i], group), _group_planes(recon[i], group))]
+                       for i in segment.frames]
+
+    def run(self, intnet: IntNetwork | None) -> tuple[list[list[int]], bytes]:
+        if intnet is None:
+            return self.before, b""
+        h = PictureHash(self.hash_type)
+        errs = []
+        for i in self.segment.frames:
+            out = self.kernel.filter_planes(_group_planes(self.recon[i], self.group), intnet, self.bitdepth)
+            orig = _group_planes(self.source[i], self.group)
+            errs.append([sse(o, p) for o, p in zip(orig, out)])
+            for p in out:
+                h.update(p)
+        return errs, h.digest()
+
+
+# ------------------------------------------------------------------------------------------- encoder
+class _GroupState:
+    """Low-delay memory of one channel group: the last signalled network and its training."""
+
+    def __init__(self) -> None:
+        self.reference: QuantizedNetwork | None = None
+        self.reference_int: IntNetwork | None = None
+        self.reference_train: Any = None
+
+
+def _record_bytes(rec: Record, hash_type: HashType, ref: QuantizedNetwork | None) -> int:
+    # unit framing: kind (1) + size (2) + payload + crc16 (2)
+    return 5 + len(record_payload(rec, hash_type, ref))
+
+
+def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, size: str | None = None,
+           fps: str | None = None, bitdepth: int | None = None, progress: ProgressFn | None = None,
+           source: VideoSource | None = None) -> EncodeReport:
+    """Encode ``input_path`` and write ``output_base``.hevc and ``output_base``.nlf (if given)."""
+    t0 = time.perf_counter()
+    from .train import TrainConfig  # torch is needed from here on
+
+    tcfg = config.train if config.train is not None else TrainConfig()
+    backend = get_backend(config.codec, **dict(config.backend_options))
+    ok, why = backend.availability()
+    if not ok:
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError(why)
+    if config.coding.mode == "ldb" and config.codec == "x265":
+        from .backends.x265 import x265_params
+
+        x265_params(config.coding)  # raises the explanatory error before any work
+    from .kernels import get_kernel
+
+    kernel = get_kernel(config.kernel)
+    with contextlib.ExitStack() as stack:
+        src = source if source is not None else stack.enter_context(open_video(input_path, size, fps, bitdepth))
+        workdir = stack.enter_context(_workdir(config.keep_tmp))
+        if not src.random_access:
+            src = spool(src, workdir, config.coding.frames)
+        fmt = src.fmt
+        n = len(src) if config.coding.frames is None else min(config.coding.frames, len(src))
+        if config.coding.frames is not None and config.coding.frames > len(src):
+            raise UsageError(f"{src.origin}: {config.coding.frames} frames requested, the input has {len(src)}")
+        coding = replace(config.coding, frames=n)
+
+        def backend_progress(done: int, total: int) -> None:
+            if progress:
+                progress("encode", done, total, f"{backend.name} encoding")
+
+        result = backend.encode(src, coding, workdir, backend_progress)
+        recon = result.recon
+        segments = split(n, coding.mode, coding.intra_period, config.ld_gop)
+        lam = hm_lambda(coding.qp, fmt.bitdepth) * config.lambda_scale
+        header = StreamHeader(fmt.width, fmt.height, fmt.bitdepth, n, fmt.fps, coding.mode, config.arch_y,
+                              config.arch_uv, config.hash_type, picture_crc(recon[0].planes))
+        records: list[Record] = []
+        decisions: dict[int, dict[Group, GroupDecision]] = {}
+        states = {Group.Y: _GroupState(), Group.UV: _GroupState()}
+        low_delay = coding.mode in ("ldb", "ldp")
+        train_seconds = 0.0
+        for seg in segments:
+            decisions[seg.index] = {}
+            for group in (Group.Y, Group.UV):
+                dec, rec = _encode_group(src, recon, seg, group, fmt, config, tcfg, kernel, lam,
+                                         states[group], low_delay, progress, len(segments))
+                records.append(rec)
+                decisions[seg.index][group] = dec
+                train_seconds += dec.train_seconds
+        side = SideStream(header, tuple(records))
+        side_bytes = side.to_bytes()
+        hevc_bytes = result.bitstream.stat().st_size
+        if output_base is not None:
+            base = Path(output_base)
+            with atomic_output(str(base) + ".hevc") as f, open(result.bitstream, "rb") as inp:
+                shutil.copyfileobj(inp, f)
+            with atomic_output(str(base) + ".nlf") as f:
+                f.write(side_bytes)
+        report = _report(fmt, coding, config, result, segments, decisions, len(side_bytes), hevc_bytes,
+                         time.perf_counter() - t0, train_seconds, kernel.name, output_base)
+    return EncodeReport(report)
+
+
+def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Group, fmt: VideoFormat,
+                  config: EncoderConfig, tcfg: Any, kernel: Any, lam: float, state: _GroupState,
+                  low_delay: bool, progress: ProgressFn | None, n_segments: int) -> tuple[GroupDecision, Record]:
+    from .train import SegmentData, train
+
+    measure = _Measure(src, recon, seg, group, fmt.bitdepth, config.hash_type, kernel)
+    base = dict(group=group, segment=seg.index, first_frame=seg.start, frame_count=seg.count)
+    hash_type = config.hash_type
+    label = f"segment {seg.index + 1}/{n_segments} {group.label}"
+    cands: list[_Candidate] = []
+
+    off = Record(RecordType.OFF, **base)
+    cands.append(_Candidate(RecordType.OFF, None, None, _record_bytes(off, hash_type, None), measure.before,
+                            b"", "off"))
+    if state.reference is not None and low_delay:
+        errs, digest = measure.run(state.reference_int)
+        rec = Record(RecordType.REUSE, output_hash=digest, **base)
+        cands.append(_Candidate(RecordType.REUSE, state.reference, state.reference_int,
+                                _record_bytes(rec, hash_type, state.reference), errs, digest, "reuse"))
+    trained: dict[Packing, Any] = {}
+    train_seconds = 0.0
+    if config.filter_enabled:
+        data = SegmentData(group, [_group_planes(src[i], group) for i in seg.frames],
+                           [_group_planes(recon[i], group) for i in seg.frames], fmt.bitdepth)
+        for packing in config.packings(group, fmt.width, fmt.height):
+            prev = state.reference_train if (low_delay and state.reference_train is not None and
+                                              state.reference_train.net.packing == packing) else None
+
+            def train_progress(done: int, total: int, packing: Packing = packing) -> None:
+                if progress:
+                    progress("train", done, total, f"{label} {packing}")
+
+            tr = train(data, config.arch(group), packing, tcfg, init=prev.net if prev else None,
+                       previous=prev.normalised() if prev else None, progress=train_progress)
+            train_seconds += tr.seconds
+            trained[packing] = tr
+            from .quant import correct_biases, quantize
+
+            qcfgs = list(config.quant_candidates)
+            ref = state.reference if low_delay else None
+            if ref is not None and ref.packing == packing and ref.config not in qcfgs:
+                qcfgs.append(ref.config)
+            for qc in qcfgs:
+                qnet = correct_biases(tr.float_net, quantize(tr.float_net, config.arch(group), qc, tr.act_max),
+                                      tr.calibration, fmt.bitdepth)
+                intnet = derive(qnet, fmt.bitdepth)
+                if progress:
+                    progress("measure", len(cands), 0, f"{label} {packing} b_w={qc.weight_bits}")
+                errs, digest = measure.run(intnet)
+                variants = [RecordType.NEW]
+                if ref is not None and qnet.same_layout(ref):
+                    variants.append(RecordType.NEW_DIFF)
+                for rtype in variants:
+                    rec = Record(rtype, output_hash=digest, network=qnet, **base)
+                    nbytes = _record_bytes(rec, hash_type, ref)
+                    cands.append(_Candidate(rtype, qnet, intnet, nbytes, errs, digest,
+                                            f"{rtype.name.lower()} {packing} w{qc.weight_bits}b{qc.bias_bits}s{qc.scale_bits}"))
+    before = sum(sum(f) for f in measure.before)
+
+    def cost(c: _Candidate) -> float:
+        return c.total_sse + lam * 8 * c.payload_bytes
+
+    allowed = list(cands)
+    reuse = next((c for c in cands if c.rtype is RecordType.REUSE), None)
+    if reuse is not None:
+        gain_reuse = before - reuse.total_sse
+        if gain_reuse > 0:  # paper §4.3: new parameters only if their gain exceeds 110 % of reuse
+            allowed = [c for c in cands if c.rtype not in (RecordType.NEW, RecordType.NEW_DIFF)
+                       or before - c.total_sse > config.reuse_factor * gain_reuse]
+    best = min(allowed, key=cost)
+    rec = Record(best.rtype, output_hash=best.digest if best.rtype is not RecordType.OFF else b"",
+                 network=best.network if best.rtype in (RecordType.NEW, RecordType.NEW_DIFF) else None, **base)
+    if best.rtype in (RecordType.NEW, RecordType.NEW_DIFF):
+        state.reference = best.network
+        state.reference_int = best.intnet
+        state.reference_train = trained[best.network.packing]
+    decision = GroupDecision(
+        group, best.rtype.name.lower(), str(best.network.packing) if best.network else None,
+        {"weight_bits": best.network.config.weight_bits, "bias_bits": best.network.config.bias_bits,
+         "scale_bits": best.network.config.scale_bits} if best.network else None,
+        best.payload_bytes, [sum(f) for f in measure.before], [sum(f) for f in best.sse],
+        [{"label": c.label, "bytes": c.payload_bytes, "sse": c.total_sse, "cost": round(cost(c), 1),
+          "allowed": c in allowed} for c in cands], train_seconds)
+    decision.per_plane_after = best.sse  # type: ignore[attr-defined]
+    decision.per_plane_before = measure.before  # type: ignore[attr-defined]
+    log.info("%s: %s (%d bytes; SSE %d → %d)", label, best.label, best.payload_bytes, before, best.total_sse)
+    return decision, rec
+
+
+def _report(fmt: VideoFormat, coding: CodingConfig, config: EncoderConfig, result: Any, segments: list[Segment],
+            decisions: dict[int, dict[Group, GroupDecision]], side_bytes: int, hevc_bytes: int,
+            seconds: float, train_seconds: float, kernel_name: str, output_base: str | None) -> dict:
+    n = coding.frames or 0
+    ysize = fmt.width * fmt.height
+    csize = ysize // 4
+    acc_b = PsnrAccumulator(fmt.bitdepth, (ysize, csize, csize))
+    acc_a = PsnrAccumulator(fmt.bitdepth, (ysize, csize, csize))
+    seg_rows = []
+    macs = {"y": 0.0, "uv": 0.0}
+    for seg in segments:
+        d = decisions[seg.index]
+        yb, ya = d[Group.Y].per_plane_before, d[Group.Y].per_plane_after  # type: ignore[attr-defined]
+        cb, ca = d[Group.UV].per_plane_before, d[Group.UV].per_plane_after  # type: ignore[attr-defined]
+        for k in range(seg.count):
+            acc_b.add([yb[k][0], cb[k][0], cb[k][1]])
+            acc_a.add([ya[k][0], ca[k][0], ca[k][1]])
+        rows_b = acc_b.mean(range(seg.start, seg.start + seg.count))
+        rows_a = acc_a.mean(range(seg.start, seg.start + seg.count))
+        seg_rows.append({
+            "index": seg.index, "first_frame": seg.start, "frames": seg.count,
+            "hevc_bytes": sum(result.frame_bits[seg.start:seg.start + seg.count]) // 8,
+            "psnr_before": rows_b, "psnr_after": rows_a,
+            "groups": {g.label: {"decision": dec.decision, "packing": dec.packing, "quant": dec.config,
+                                 "side_bytes": dec.side_bytes, "train_seconds": round(dec.train_seconds, 2),
+                                 "candidates": dec.candidates}
+                       for g, dec in d.items()},
+            "side_bytes": sum(dec.side_bytes for dec in d.values()),
+        })
+        for g, dec in d.items():
+            if dec.packing is not None:
+                macs[g.label] = max(macs[g.label], config.arch(g).mac_per_pixel(g, Packing.parse(dec.packing)))
+    pb, pa = acc_b.mean(), acc_a.mean()
+    total_bits_before = hevc_bytes * 8
+    total_bits_after = (hevc_bytes + side_bytes) * 8
+    return {
+        "input": {"width": fmt.width, "height": fmt.height, "bitdepth": fmt.bitdepth, "fps": float(fmt.fps)},
+        "codec": result.backend, "codec_version": result.version, "mode": coding.mode, "qp": coding.qp,
+        "intra_period": coding.intra_period, "ld_gop": config.ld_gop, "frames": n,
+        "psnr_before": pb, "psnr_after": pa,
+        "psnr_gain": {k: pa[k] - pb[k] for k in pb},
+        "yuv_psnr_before": acc_b.yuv_psnr(), "yuv_psnr_after": acc_a.yuv_psnr(),
+        "hevc_bytes": hevc_bytes, "side_bytes": side_bytes,
+        "kbps_before": kbps(total_bits_before, n, fmt.fps), "kbps_after": kbps(total_bits_after, n, fmt.fps),
+        "mac_per_pixel": macs["y"] + macs["uv"], "mac_per_pixel_groups": macs,
+        "encode_seconds": round(seconds, 2), "backend_seconds": round(result.seconds, 2),
+        "train_seconds": round(train_seconds, 2), "kernel": kernel_name,
+        "hash": config.hash_type.name.lower(),
+        "commands": [" ".join(str(a) for a in c) for c in result.commands],
+        "backend_summary": result.summary,
+        "per_frame": {"psnr_before": acc_b.per_frame(), "psnr_after": acc_a.per_frame(),
+                      "hevc_bits": list(result.frame_bits)},
+        "segments": seg_rows,
+        "outputs": {"hevc": str(output_base) + ".hevc", "side": str(output_base) + ".nlf"} if output_base else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------- decoder
+@dataclass
+class DecodeReport:
+    frames: int
+    filtered_records: int
+    verified_records: int
+    seconds: float
+    kernel: str
+    width: int = 0
+    height: int = 0
+    bitdepth: int = 0
+
+
+class FrameFilter:
+    """Applies a side stream's records to decoded pictures in display order and verifies the hashes.
+
+    Shared by the file decoder and the streaming :class:`hevc_ext.Decoder`: push pictures with
+    :meth:`process`, call :meth:`finish` at the end.
+    """
+
+    def __init__(self, side: SideStream | None, kernel: Any, origin: str) -> None:
+        self.side, self.kernel, self.origin = side, kernel, origin
+        self.index = 0
+        self.records = {g: [] for g in (Group.Y, Group.UV)}
+        self.filtered = 0
+        self.verified = 0
+        self._nets: dict[int, IntNetwork] = {}
+        self._hash: dict[Group, PictureHash | None] = {Group.Y: None, Group.UV: None}
+        self._pos = {Group.Y: 0, Group.UV: 0}
+        if side is not None:
+            side.check_consistency()
+            for g in (Group.Y, Group.UV):
+                self.records[g] = side.records_by_group(g)
+
+    def _record(self, group: Group, frame: int) -> Record | None:
+        recs = self.records[group]
+        pos = self._pos[group]
+        while pos < len(recs) and frame >= recs[pos].first_frame + recs[pos].frame_count:
+            pos += 1
+        self._pos[group] = pos
+        if pos < len(recs) and recs[pos].first_frame <= frame:
+            return recs[pos]
+        return None
+
+    def _intnet(self, rec: Record, bitdepth: int) -> IntNetwork:
+        key = id(rec.network)
+        if key not in self._nets:
+            self._nets[key] = derive(rec.network, bitdepth)  # type: ignore[arg-type]
+        return self._nets[key]
+
+    def process(self, frame: Frame, bitdepth: int) -> Frame:
+        i = self.index
+        self.index += 1
+        side = self.side
+        if side is None:
+            return frame
+        h = side.header
+        if i == 0:
+            check_stream_matches(h, frame.y.shape[1], frame.y.shape[0], bitdepth, self.origin)
+            if h.first_picture_crc is not None and picture_crc(frame.planes) != h.first_picture_crc:
+                raise MismatchError(f"{self.origin}: the first decoded picture does not match the side stream "
+                                    f"(CRC {picture_crc(frame.planes):08x}, expected {h.first_picture_crc:08x}): "
+                                    f"the side stream belongs to another encode")
+        planes = list(frame.planes)
+        for group in (Group.Y, Group.UV):
+            rec = self._record(group, i)
+            if rec is None:
+                continue
+            if rec.type is not RecordType.OFF:
+                out = self.kernel.filter_planes(_group_planes(frame, group), self._intnet(rec, bitdepth), bitdepth)
+                for idx, p in zip(group.plane_indices, out):
+                    planes[idx] = p
+                if h.hash_type is not HashType.NONE:
+                    if i == rec.first_frame:
+                        self._hash[group] = PictureHash(h.hash_type)
+                    hasher = self._hash[group]
+                    for p in out:
+                        hasher.update(p)  # type: ignore[union-attr]
+                    if i == rec.first_frame + rec.frame_count - 1:
+                        digest = hasher.digest()  # type: ignore[union-attr]
+                        if digest != rec.output_hash:
+                            raise MismatchError(
+                                f"{self.origin}: frames {rec.first_frame}..{i} ({group.label}): the filtered "
+                                f"pictures do not match the side stream's {h.hash_type.name} "
+                                f"({digest.hex()} != {rec.output_hash.hex()}); the side stream belongs to "
+                                f"another encode or is damaged")
+                        self.verified += 1
+                if i == rec.first_frame + rec.frame_count - 1:
+                    self.filtered += 1
+        return Frame(*planes)
+
+    def finish(self) -> None:
+        if self.side is not None:
+            total = self.side.header.frame_count
+            if total and self.index != total:
+                raise MismatchError(f"{self.origin}: the HEVC stream has {self.index} pictures, the side stream "
+                                    f"describes {total} (side stream from another encode?)")
+
+
+def read_side_stream(path: str) -> SideStream:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SideStreamError(f"{path}: cannot read side stream: {exc.strerror}") from None
+    return SideStream.from_bytes(data, path)
+
+
+def decode(stream_path: str, output: str, side_path: str | None = None, *, kernel: str = "auto",
+           y4m: bool | None = None, progress: ProgressFn | None = None, fps: Any = None) -> DecodeReport:
+    """Decode ``stream_path`` (+ side stream) to ``output`` (.yuv, .y4m or ``-`` for Y4M on stdout)."""
+    from fractions import Fraction
+
+    from .kernels import get_kernel
+
+    t0 = time.perf_counter()
+    if not Path(stream_path).is_file():
+        from .errors import InputFormatError
+
+        raise InputFormatError(f"{stream_path}: no such file")
+    side = read_side_stream(side_path) if side_path else None
+    k = get_kernel(kernel)
+    filt = FrameFilter(side, k, side_path or stream_path)
+    as_y4m = y4m if y4m is not None else (output == "-" or is_y4m_name(output))
+    rate = Fraction(fps) if fps is not None else (side.header.fps if side else Fraction(25))
+    decoder = HevcDecoder()
+    writer = None
+    fmt = None
+    with atomic_output(output) as handle:
+        for frame in decode_frames(stream_path, decoder):
+            if writer is None:
+                h, w = frame.y.shape
+                fmt = VideoFormat(w, h, rate, decoder.bitdepth or 8)
+                writer = VideoWriter(handle, fmt, y4m=as_y4m)
+            writer.write(filt.process(frame, fmt.bitdepth))
+            if progress:
+                progress("decode", filt.index, side.header.frame_count if side else 0, "decoding")
+        if writer is None:
+            from .errors import InputFormatError
+
+            raise InputFormatError(f"{stream_path}: no pictures decoded (not an HEVC elementary stream?)")
+        filt.finish()
+    return DecodeReport(filt.index, filt.filtered, filt.verified, time.perf_counter() - t0, k.name,
+                        fmt.width, fmt.height, fmt.bitdepth)
