@@ -1,0 +1,175 @@
+"""End to end on synthetic clips: encode → side stream → decode reproduces what the encoder measured."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hevc_ext.backends import CodingConfig
+from hevc_ext.cli import main
+from hevc_ext.errors import MismatchError, SideStreamError, UsageError
+from hevc_ext.hevcdec import decode_frames
+from hevc_ext.metrics import PsnrAccumulator
+from hevc_ext.pipeline import EncoderConfig, decode, encode, read_side_stream
+from hevc_ext.sidecar import RecordType
+from hevc_ext.train import TrainConfig
+from hevc_ext.yuv import open_video
+
+FAST = TrainConfig(iterations=40, batch=8, patch=32)
+
+
+def _config(mode="ra", qp=37, **kw) -> EncoderConfig:
+    return EncoderConfig(coding=CodingConfig(mode, qp, intra_period=4), train=FAST, ld_gop=2, **kw)
+
+
+def _psnr(src, dec, bitdepth=8):
+    fmt = src.fmt
+    acc = PsnrAccumulator(bitdepth, (fmt.width * fmt.height, fmt.width * fmt.height // 4, fmt.width * fmt.height // 4))
+    for i in range(len(dec)):
+        acc.add_planes(src[i].planes, dec[i].planes)
+    return acc.mean()
+
+
+@pytest.mark.parametrize("mode", ["ra", "ldp"])
+def test_encode_decode_reproduces_measurement(make_clip, tmp_path, mode):
+    clip = make_clip(n=8, width=64, height=64)
+    base = tmp_path / "out"
+    rep = encode(str(clip), str(base), _config(mode)).data
+    assert rep["frames"] == 8 and rep["mode"] == mode
+    assert rep["side_bytes"] == (tmp_path / "out.nlf").stat().st_size
+    assert rep["hevc_bytes"] == (tmp_path / "out.hevc").stat().st_size
+    assert len(rep["segments"]) == (2 if mode == "ra" else 4)
+    # the RD decision never makes a group worse than not filtering it
+    for seg in rep["segments"]:
+        for g in seg["groups"].values():
+            assert g["decision"] in ("off", "reuse", "new", "new_diff")
+    for k in "yuv":
+        assert rep["psnr_after"][k] >= rep["psnr_before"][k] - 1e-9 or k != "y"
+    side = read_side_stream(str(tmp_path / "out.nlf"))
+    side.check_consistency()
+    if mode == "ra":
+        assert all(r.type in (RecordType.NEW, RecordType.OFF) for r in side.records)
+
+    out = tmp_path / "dec.yuv"
+    drep = decode(str(tmp_path / "out.hevc"), str(out), str(tmp_path / "out.nlf"))
+    assert drep.frames == 8
+    assert drep.verified_records == sum(r.type is not RecordType.OFF for r in side.records)
+    src = open_video(str(clip))
+    dec = open_video(str(out), size="64x64", fps=30)
+    got = _psnr(src, dec)
+    for k in "yuv":
+        assert got[k] == pytest.approx(rep["psnr_after"][k], abs=1e-9)
+
+    plain = tmp_path / "plain.yuv"
+    decode(str(tmp_path / "out.hevc"), str(plain))
+    av_frames = list(decode_frames(tmp_path / "out.hevc"))
+    raw = b"".join(np.ascontiguousarray(p).tobytes() for f in av_frames for p in f.planes)
+    assert plain.read_bytes() == raw
+    got_plain = _psnr(src, open_video(str(plain), size="64x64", fps=30))
+    for k in "yuv":
+        assert got_plain[k] == pytest.approx(rep["psnr_before"][k], abs=1e-9)
+
+
+def test_ten_bit_roundtrip(make_clip, tmp_path):
+    clip = make_clip(n=4, width=64, height=48, bitdepth=10)
+    rep = encode(str(clip), str(tmp_path / "t"), _config("ra")).data
+    assert rep["input"]["bitdepth"] == 10
+    out = tmp_path / "t.y4m"
+    decode(str(tmp_path / "t.hevc"), str(out), str(tmp_path / "t.nlf"))
+    dec = open_video(str(out))
+    assert dec.fmt.bitdepth == 10 and len(dec) == 4 and dec[0].y.dtype == np.uint16
+    got = _psnr(open_video(str(clip)), dec, 10)
+    assert got["y"] == pytest.approx(rep["psnr_after"]["y"], abs=1e-9)
+
+
+def test_cli_json_report_and_progress_off(make_clip, tmp_path, capsys):
+    clip = make_clip(n=4, width=64, height=48)
+    rc = main(["encode", str(clip), "-o", str(tmp_path / "c"), "--qp", "40", "--intra-period", "4",
+               "--iterations", "5", "--batch", "4", "--patch", "16", "--json", "-q"])
+    assert rc == 0
+    out = capsys.readouterr()
+    rep = json.loads(out.out)
+    for key in ("psnr_before", "psnr_after", "hevc_bytes", "side_bytes", "frames", "mac_per_pixel",
+                "encode_seconds", "segments"):
+        assert key in rep
+    assert set(rep["psnr_before"]) == {"y", "u", "v"}
+    assert rep["mac_per_pixel"] in (0, 384 + 102, 384, 102)
+    assert out.err == ""
+
+
+def test_stdin_y4m_encode(make_clip, tmp_path, monkeypatch):
+    from hevc_ext.yuv import VideoWriter
+
+    clip = make_clip(n=4, width=64, height=48)
+    src = open_video(str(clip))
+    buf = io.BytesIO()
+    w = VideoWriter(buf, src.fmt, y4m=True)
+    for f in src:
+        w.write(f)
+    buf.seek(0)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(buf))
+    rc = main(["encode", "-", "-o", str(tmp_path / "p"), "--qp", "40", "--iterations", "3", "--batch", "4",
+               "--patch", "16", "-q"])
+    assert rc == 0 and (tmp_path / "p.hevc").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_bad_inputs_give_clear_errors_and_no_output(make_clip, tmp_path, capsys):
+    clip = make_clip(n=3, width=64, height=48)
+    wrong = tmp_path / "Wrong_48x48_30.yuv"
+    wrong.write_bytes(clip.read_bytes())
+    assert main(["encode", str(wrong), "-o", str(tmp_path / "w")]) == 1
+    assert "not a whole number" in capsys.readouterr().err
+    trunc = tmp_path / "Trunc_64x48_30.yuv"
+    trunc.write_bytes(clip.read_bytes()[:-100])
+    assert main(["encode", str(trunc), "-o", str(tmp_path / "w")]) == 1
+    assert "truncated" in capsys.readouterr().err
+    assert main(["encode", str(clip), "--mode", "xyz", "-o", str(tmp_path / "w")]) == 2
+    assert "unknown mode 'xyz'" in capsys.readouterr().err
+    assert main(["encode", str(clip), "--mode", "ldb", "-o", str(tmp_path / "w")]) == 2
+    assert "low-delay B" in capsys.readouterr().err
+    assert main(["encode", str(clip), "--frames", "9", "-o", str(tmp_path / "w")]) == 2
+    assert "9 frames requested" in capsys.readouterr().err
+    assert not list(tmp_path.glob("w.*"))
+
+
+def test_damaged_and_foreign_side_streams(make_clip, tmp_path, capsys):
+    clip = make_clip(n=4, width=64, height=48)
+    a = encode(str(clip), str(tmp_path / "a"), _config("ra", qp=36)).data
+    b = encode(str(clip), str(tmp_path / "b"), _config("ra", qp=40)).data
+    assert a["hevc_bytes"] != b["hevc_bytes"]
+    nlf = (tmp_path / "a.nlf").read_bytes()
+    for pos in (2, 12, len(nlf) // 2, len(nlf) - 1):
+        bad = tmp_path / "bad.nlf"
+        bad.write_bytes(nlf[:pos] + bytes([nlf[pos] ^ 0x40]) + nlf[pos + 1:])
+        rc = main(["decode", str(tmp_path / "a.hevc"), "--sidecar", str(bad), "-o", str(tmp_path / "o.yuv")])
+        assert rc == 1
+        err = capsys.readouterr().err
+        assert "bad.nlf" in err and ("damaged" in err or "magic" in err or "CRC" in err)
+        assert not (tmp_path / "o.yuv").exists()
+    (tmp_path / "cut.nlf").write_bytes(nlf[:-3])
+    with pytest.raises(SideStreamError, match="truncated"):
+        decode(str(tmp_path / "a.hevc"), str(tmp_path / "o.yuv"), str(tmp_path / "cut.nlf"))
+    with pytest.raises(MismatchError, match="another encode"):
+        decode(str(tmp_path / "a.hevc"), str(tmp_path / "o.yuv"), str(tmp_path / "b.nlf"))
+    assert not (tmp_path / "o.yuv").exists()
+    assert main(["decode", str(tmp_path / "a.hevc"), "--sidecar", str(tmp_path / "b.nlf"),
+                 "-o", str(tmp_path / "o.yuv")]) == 1
+    assert "another encode" in capsys.readouterr().err
+
+
+def test_decode_to_stdout_is_y4m(make_clip, tmp_path, monkeypatch, capsysbinary):
+    clip = make_clip(n=3, width=64, height=48)
+    encode(str(clip), str(tmp_path / "s"), _config("ra"))
+    rc = main(["decode", str(tmp_path / "s.hevc"), "--sidecar", str(tmp_path / "s.nlf"), "-o", "-"])
+    assert rc == 0
+    data = capsysbinary.readouterr().out
+    assert data.startswith(b"YUV4MPEG2 W64 H48 F30:1")
+    assert data.count(b"FRAME\n") == 3
+    assert hashlib.md5(data).hexdigest()  # a complete stream was written

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from hevc_ext.errors import InputFormatError, TruncatedInputError, UsageError
+from hevc_ext.yuv import (Frame, VideoFormat, VideoWriter, atomic_output, format_from_name, open_video,
+                          resolve_format, y4m_header)
+
+from .conftest import synthetic_frames
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("BasketballPass_416x240_50.yuv", (416, 240, Fraction(50), None)),
+    ("NebutaFestival_2560x1600_60_10bit_crop.yuv", (2560, 1600, Fraction(60), 10)),
+    ("Traffic_2560x1600_30_crop.yuv", (2560, 1600, Fraction(30), None)),
+    ("clip_1920x1080_29.97.yuv", (1920, 1080, Fraction(2997, 100), None)),
+    ("foo_352x288.yuv", (352, 288, None, None)),
+    ("nothing.yuv", None),
+])
+def test_format_from_name(name, expected):
+    assert format_from_name(name) == expected
+
+
+def test_resolve_format_errors_and_overrides():
+    fmt = resolve_format("x_64x48_30.yuv", size="32x16", fps="25", bitdepth=10)
+    assert (fmt.width, fmt.height, fmt.fps, fmt.bitdepth) == (32, 16, 25, 10)
+    with pytest.raises(UsageError, match="--size"):
+        resolve_format("noname.yuv")
+    with pytest.raises(UsageError, match="--fps"):
+        resolve_format("foo_352x288.yuv")
+    with pytest.raises(UsageError, match="even"):
+        VideoFormat(33, 16)
+
+
+@pytest.mark.parametrize("bitdepth", [8, 10])
+def test_raw_roundtrip_memmap(tmp_path, bitdepth):
+    frames = synthetic_frames(3, 32, 16, bitdepth)
+    path = tmp_path / f"c_32x16_30{'_10bit' if bitdepth == 10 else ''}.yuv"
+    frames.tofile(path)
+    src = open_video(str(path))
+    assert len(src) == 3 and src.fmt.bitdepth == bitdepth and src.random_access
+    assert src[1].y.dtype == (np.uint8 if bitdepth == 8 else np.uint16)
+    assert isinstance(src[1].y, np.ndarray) and not np.issubdtype(src[1].y.dtype, np.floating)
+    for i in range(3):
+        np.testing.assert_array_equal(src[i].y, frames[i]["y"])
+        np.testing.assert_array_equal(src[i].v, frames[i]["v"])
+    # y4m round trip through the writer
+    out = tmp_path / "c.y4m"
+    with atomic_output(out) as f:
+        w = VideoWriter(f, src.fmt, y4m=True)
+        for fr in src:
+            w.write(fr)
+    back = open_video(str(out))
+    assert back.fmt == src.fmt and len(back) == 3
+    np.testing.assert_array_equal(back[2].u, frames[2]["u"])
+
+
+def test_truncated_and_wrong_size(tmp_path):
+    frames = synthetic_frames(2, 32, 16)
+    path = tmp_path / "t_32x16_30.yuv"
+    path.write_bytes(frames.tobytes()[:-10])
+    with pytest.raises(TruncatedInputError, match=r"1 frames and 758 bytes left over"):
+        open_video(str(path))
+    with pytest.raises(TruncatedInputError, match="--size"):
+        open_video(str(path), size="30x16")
+    with pytest.raises(InputFormatError, match="no such file"):
+        open_video(str(tmp_path / "missing_32x16_30.yuv"))
+
+
+def test_y4m_stdin_stream_and_errors():
+    fmt = VideoFormat(16, 8, Fraction(30000, 1001), 8)
+    frames = synthetic_frames(2, 16, 8)
+    data = y4m_header(fmt) + b"".join(b"FRAME\n" + f.tobytes() for f in frames)
+    src = open_video("-", stdin=io.BytesIO(data))
+    assert not src.random_access and src.fmt.fps == Fraction(30000, 1001)
+    got = list(src)
+    assert len(got) == 2
+    np.testing.assert_array_equal(got[1].y, frames[1]["y"])
+    cut = open_video("-", stdin=io.BytesIO(data[:-5]))
+    with pytest.raises(TruncatedInputError, match="frame 1 is truncated"):
+        list(cut)
+    with pytest.raises(InputFormatError, match="not a Y4M"):
+        open_video("-", stdin=io.BytesIO(b"RIFF....\n"))
+    bad = y4m_header(fmt).replace(b"C420jpeg", b"C444") + b"FRAME\n"
+    with pytest.raises(InputFormatError, match="C444"):
+        open_video("-", stdin=io.BytesIO(bad))
+
+
+def test_atomic_output_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.yuv"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as f:
+            f.write(b"partial")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_frame_writer_accepts_planes(tmp_path):
+    fmt = VideoFormat(4, 2, Fraction(1), 10)
+    buf = io.BytesIO()
+    VideoWriter(buf, fmt, y4m=False).write(Frame(np.full((2, 4), 1023, np.uint16), np.zeros((1, 2), np.uint16),
+                                                 np.ones((1, 2), np.uint16)))
+    assert len(buf.getvalue()) == fmt.frame_bytes == 24
+    assert buf.getvalue()[:2] == b"\xff\x03"  # little-endian 10-bit samples
