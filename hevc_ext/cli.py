@@ -155,7 +155,8 @@ def _encoder_config(args: argparse.Namespace) -> Any:
         arch_uv=Architecture(args.uv_layers or args.layers, args.uv_filters or args.filters),
         packing=parse_packing(args.pack), packing_uv=parse_packing(args.pack_uv) if args.pack_uv else None,
         train=tcfg, quant_candidates=quant, hash_type=HashType[args.hash.upper()], kernel=args.kernel,
-        lambda_scale=args.lambda_scale, filter_enabled=not args.no_filter, keep_tmp=args.keep_tmp)
+        lambda_scale=args.lambda_scale, filter_enabled=not args.no_filter, keep_tmp=args.keep_tmp,
+        embed=getattr(args, "embed", False))
 
 
 def _default_base(input_path: str) -> str:
@@ -300,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="BASE", help="output base name (default: input name)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
     p.add_argument("--per-frame", action="store_true", help="include per-frame figures and candidates in --json")
+    p.add_argument("--embed", action="store_true",
+                   help="carry the side stream as SEI NAL units inside BASE.hevc instead of writing BASE.nlf")
     _add_coding_options(p)
     _add_filter_options(p)
     _add_input_format(p)

@@ -86,6 +86,7 @@ class EncoderConfig:
     reuse_factor: float = 1.1  # low delay: new parameters only if their gain exceeds 110 % of reuse
     filter_enabled: bool = True
     keep_tmp: bool = False
+    embed: bool = False  # side stream as SEI NAL units inside BASE.hevc instead of BASE.nlf (docs/sei.md)
     backend_options: tuple[tuple[str, Any], ...] = ()
 
     def arch(self, group: Group) -> Architecture:
@@ -273,14 +274,28 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
         side = SideStream(header, tuple(records))
         side_bytes = side.to_bytes()
         hevc_bytes = result.bitstream.stat().st_size
+        embedded = None
+        if config.embed:  # one file; its real size is the rate: side_bytes = embedded - plain
+            from .sei import embed as embed_sei
+
+            embedded = embed_sei(result.bitstream.read_bytes(), side, origin=str(result.bitstream))
         if output_base is not None:
             base = Path(output_base)
-            with atomic_output(str(base) + ".hevc") as f, open(result.bitstream, "rb") as inp:
-                shutil.copyfileobj(inp, f)
-            with atomic_output(str(base) + ".nlf") as f:
-                f.write(side_bytes)
-        report = _report(fmt, coding, config, result, segments, decisions, len(side_bytes), hevc_bytes,
+            if embedded is not None:
+                with atomic_output(str(base) + ".hevc") as f:
+                    f.write(embedded)
+            else:
+                with atomic_output(str(base) + ".hevc") as f, open(result.bitstream, "rb") as inp:
+                    shutil.copyfileobj(inp, f)
+                with atomic_output(str(base) + ".nlf") as f:
+                    f.write(side_bytes)
+        report = _report(fmt, coding, config, result, segments, decisions,
+                         len(side_bytes) if embedded is None else len(embedded) - hevc_bytes, hevc_bytes,
                          time.perf_counter() - t0, train_seconds, kernel.name, output_base)
+        if embedded is not None:
+            report.update(embedded=True, sidecar_bytes=len(side_bytes), file_bytes=len(embedded))
+            if report["outputs"]:
+                report["outputs"]["side"] = f"in-band SEI of {report['outputs']['hevc']}"
     return EncodeReport(report)
 
 
@@ -550,6 +565,12 @@ def decode(stream_path: str, output: str, side_path: str | None = None, *, kerne
 
         raise InputFormatError(f"{stream_path}: no such file")
     side = read_side_stream(side_path) if side_path else None
+    from .container import read_annexb
+    from .sei import extract, strip
+
+    raw = read_annexb(stream_path)  # .hevc or any container av demuxes
+    stream_data, embedded = (strip(raw, stream_path), None) if side is not None else extract(raw, stream_path)
+    side = side if side is not None else embedded  # in-band SEI records (docs/sei.md), if any
     k = get_kernel(kernel)
     filt = FrameFilter(side, k, side_path or stream_path)
     as_y4m = y4m if y4m is not None else (output == "-" or is_y4m_name(output))
@@ -558,7 +579,7 @@ def decode(stream_path: str, output: str, side_path: str | None = None, *, kerne
     writer = None
     fmt = None
     with atomic_output(output) as handle:
-        for frame in decode_frames(stream_path, decoder):
+        for frame in decode_frames(stream_data, decoder):
             if writer is None:
                 h, w = frame.y.shape
                 fmt = VideoFormat(w, h, rate, decoder.bitdepth or 8)

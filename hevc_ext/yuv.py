@@ -376,6 +376,7 @@ def atomic_output(path: str | os.PathLike, stdout: BinaryIO | None = None) -> It
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as handle:
             yield handle
         os.replace(tmp, target)
@@ -383,6 +384,12 @@ def atomic_output(path: str | os.PathLike, stdout: BinaryIO | None = None) -> It
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class VideoWriter:

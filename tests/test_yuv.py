@@ -90,6 +90,18 @@ def test_y4m_stdin_stream_and_errors():
         open_video("-", stdin=io.BytesIO(bad))
 
 
+def test_atomic_output_has_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    target = tmp_path / "perm.bin"
+    with atomic_output(target) as f:
+        f.write(b"x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
 def test_atomic_output_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "out.yuv"
     with pytest.raises(RuntimeError):
