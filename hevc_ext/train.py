@@ -44,6 +44,7 @@ class TrainConfig:
     zero_lines: int = 2
     seed: int = 1234
     threads: int = 0  # 0: leave torch's setting
+    engine: str = "auto"  # forward/backward: "auto" (C++ engine if available, else torch), "torch", "cpu"
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -156,6 +157,11 @@ def train(data: SegmentData, arch: Architecture, packing: Packing, cfg: TrainCon
     zl_w = zl + (-zl) % packing.pw
     losses: list[float] = []
     g = data.group.planes
+    from .trainkernel import select_engine
+
+    # the C++ engine (hevc_ext.trainkernel) computes the data term's forward/backward; None: torch
+    engine = select_engine(cfg.engine, net, cfg.threads or torch.get_num_threads()) if cfg.iterations else None
+    params = list(net.parameters())
     for step in range(cfg.iterations):
         for pg in opt.param_groups:
             pg["lr"] = _lr_at(step, cfg)
@@ -164,6 +170,20 @@ def train(data: SegmentData, arch: Architecture, packing: Packing, cfg: TrainCon
         target = torch.from_numpy(res).float().mul_(scale)
         if zl:
             x = F.pad(x, (0, zl_w, 0, zl_h))
+        if engine is not None:
+            data_loss = engine.forward_backward(x.numpy(), target.numpy())  # overwrites every .grad
+            if low_delay and cfg.code_reg:
+                reg = cfg.code_reg * code_length_regulariser(net.folded_weights(), previous)
+                grads = torch.autograd.grad(reg, params, allow_unused=True)
+                with torch.no_grad():
+                    for p, gr in zip(params, grads):
+                        if gr is not None:
+                            p.grad.add_(gr)
+            opt.step()
+            losses.append(data_loss)
+            if progress is not None and (step + 1) % 25 == 0:
+                progress(step + 1, cfg.iterations)
+            continue
         y = unpack(net(pack(x, packing)), g, packing)[..., : patch[0], : patch[1]]
         loss = F.mse_loss(y, target)
         total = loss

@@ -122,7 +122,7 @@ def test_stdin_y4m_encode(make_clip, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------- bad input
 def test_bad_inputs_give_clear_errors_and_no_output(make_clip, tmp_path, capsys):
     clip = make_clip(n=3, width=64, height=48)
-    wrong = tmp_path / "Wrong_48x48_30.yuv"
+    wrong = tmp_path / "Wrong_50x48_30.yuv"  # 3 frames of 64x48 are 3.84 frames of 50x48
     wrong.write_bytes(clip.read_bytes())
     assert main(["encode", str(wrong), "-o", str(tmp_path / "w")]) == 1
     assert "not a whole number" in capsys.readouterr().err
