@@ -46,3 +46,7 @@ class BackendError(NlfError, RuntimeError):
 
 class KernelError(NlfError, RuntimeError):
     """A filter kernel was requested that cannot be loaded or failed to run."""
+
+
+class MissingDependencyError(NlfError, ImportError):
+    """An optional dependency needed for this operation is not installed (e.g. torch for encoding)."""

@@ -118,10 +118,15 @@ class NlfNet(nn.Module):
 
 
 def normalised_weights(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Eq. 2: weights divided by their maximum magnitude per output channel."""
+    """Eq. 2: weights divided by their maximum magnitude per quantization channel — the channel whose
+    step quantizes them (quant.scale_axis: the output channel of layer 1, the input channel of every
+    later layer), so that the regulariser penalises exactly the changes of the quantized integers."""
     out = []
-    for w in weights:
-        flat = w.reshape(w.shape[0], -1)
+    for i, w in enumerate(weights):
+        if i == 0 or w.shape[1] == 1:  # first layer, or depth-wise (input channel = output channel)
+            flat = w.reshape(w.shape[0], -1)
+        else:  # point-wise (cout, cin, 1, 1): one row per input channel
+            flat = w.reshape(w.shape[0], w.shape[1]).t()
         out.append(flat / flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-8))
     return out
 

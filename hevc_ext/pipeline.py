@@ -221,7 +221,17 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
            source: VideoSource | None = None) -> EncodeReport:
     """Encode ``input_path`` and write ``output_base``.hevc and ``output_base``.nlf (if given)."""
     t0 = time.perf_counter()
-    from .train import TrainConfig  # torch is needed from here on
+    try:
+        from .train import TrainConfig  # torch is needed from here on
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            "encoding trains the filter with PyTorch, which is not installed: pip install 'hevc-nlf[train]' "
+            "(or a CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu); "
+            "decoding works without it") from None
 
     tcfg = config.train if config.train is not None else TrainConfig()
     backend = get_backend(config.codec, **dict(config.backend_options))
@@ -335,27 +345,35 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
                        previous=prev.normalised() if prev else None, progress=train_progress)
             train_seconds += tr.seconds
             trained[packing] = tr
-            from .quant import correct_biases, quantize
+            from .quant import correct_biases, quantize, quantize_anchored
 
             qcfgs = list(config.quant_candidates)
             ref = state.reference if low_delay else None
             if ref is not None and ref.packing == packing and ref.config not in qcfgs:
                 qcfgs.append(ref.config)
-            for qc in qcfgs:
-                qnet = correct_biases(tr.float_net, quantize(tr.float_net, config.arch(group), qc, tr.act_max),
-                                      tr.calibration, fmt.bitdepth)
+            qnets = [(correct_biases(tr.float_net, quantize(tr.float_net, config.arch(group), qc, tr.act_max),
+                                     tr.calibration, fmt.bitdepth), (RecordType.NEW, RecordType.NEW_DIFF), "")
+                     for qc in qcfgs]
+            if ref is not None and ref.packing == packing:
+                # low delay: the update quantized with the reference's steps, so that only the integers
+                # of weights that moved change and difference coding is cheap
+                anchored = correct_biases(tr.float_net, quantize_anchored(tr.float_net, ref), tr.calibration,
+                                          fmt.bitdepth, keep_steps=True)
+                qnets.append((anchored, (RecordType.NEW_DIFF,), " anchored"))
+            for qnet, rtypes, tag in qnets:
+                qc = qnet.config
                 intnet = derive(qnet, fmt.bitdepth)
                 if progress:
-                    progress("measure", len(cands), 0, f"{label} {packing} b_w={qc.weight_bits}")
+                    progress("measure", len(cands), 0, f"{label} {packing} b_w={qc.weight_bits}{tag}")
                 errs, digest = measure.run(intnet)
-                variants = [RecordType.NEW]
-                if ref is not None and qnet.same_layout(ref):
-                    variants.append(RecordType.NEW_DIFF)
-                for rtype in variants:
+                for rtype in rtypes:
+                    if rtype is RecordType.NEW_DIFF and not (ref is not None and qnet.same_layout(ref)):
+                        continue
                     rec = Record(rtype, output_hash=digest, network=qnet, **base)
                     nbytes = _record_bytes(rec, hash_type, ref)
                     cands.append(_Candidate(rtype, qnet, intnet, nbytes, errs, digest,
-                                            f"{rtype.name.lower()} {packing} w{qc.weight_bits}b{qc.bias_bits}s{qc.scale_bits}"))
+                                            f"{rtype.name.lower()} {packing} w{qc.weight_bits}b{qc.bias_bits}"
+                                            f"s{qc.scale_bits}{tag}"))
     before = sum(sum(f) for f in measure.before)
 
     def cost(c: _Candidate) -> float:

@@ -228,6 +228,26 @@ def quantize(net: FloatNetwork, arch: Architecture, config: QuantConfig,
     return QuantizedNetwork(net.group, net.packing, arch, config, tuple(layers))
 
 
+def quantize_anchored(net: FloatNetwork, ref: QuantizedNetwork) -> QuantizedNetwork:
+    """Quantize with the steps of ``ref`` (weight and bias steps, activation positions, bit widths):
+    a low-delay update then changes only the integers of the weights that moved, which difference
+    coding turns into few bits (§3.2). Values beyond the reference's range are clipped — the encoder
+    measures the result like any other candidate."""
+    config = ref.config
+    layers = []
+    for i, (fl, rl) in enumerate(zip(net.layers, ref.layers)):
+        w = np.asarray(fl.weight, np.float64)
+        axis = scale_axis(i)
+        view = _weight_view(w, fl.kind, axis)
+        step = rl.w_sig * np.power(2.0, -rl.w_exp.astype(np.float64))
+        q = np.clip(_round_half_away(view / step[:, None]), -config.wmax, config.wmax)
+        wq = (q.T if (fl.kind == "pw" and axis == "in") else q).reshape(w.shape).astype(np.int32)
+        bstep = rl.b_sig * 2.0 ** (-rl.b_exp)
+        bq = np.clip(_round_half_away(np.asarray(fl.bias) / bstep), -config.bmax, config.bmax).astype(np.int64)
+        layers.append(QLayer(wq, rl.w_sig.copy(), rl.w_exp.copy(), bq, rl.b_sig, rl.b_exp, rl.act_exp))
+    return QuantizedNetwork(ref.group, ref.packing, ref.arch, config, tuple(layers))
+
+
 def dequantize(q: QuantizedNetwork) -> FloatNetwork:
     """The float network the signalled integers stand for (for analysis and tests)."""
     layers = []
@@ -331,11 +351,12 @@ def _float_layers(net: FloatNetwork, planes: Sequence[np.ndarray], bitdepth: int
 
 
 def correct_biases(net: FloatNetwork, q: QuantizedNetwork, crops: Sequence[Sequence[np.ndarray]],
-                   bitdepth: int) -> QuantizedNetwork:
+                   bitdepth: int, keep_steps: bool = False) -> QuantizedNetwork:
     """Empirical bias correction: layer by layer, add to the quantized bias the mean difference between
     the float network's pre-activations and the quantized network's (fed with its own quantized
     activations), then quantize that bias again. Removes the offsets that weight quantization causes
-    when it meets activations with a large mean (which batch-norm folding produces)."""
+    when it meets activations with a large mean (which batch-norm folding produces). With
+    ``keep_steps`` the bias steps stay as they are (anchored low-delay updates)."""
     if not crops:
         return q
     config = q.config
@@ -350,7 +371,10 @@ def correct_biases(net: FloatNetwork, q: QuantizedNetwork, crops: Sequence[Seque
         delta = sum((a - b).reshape(a.shape[0], -1).sum(axis=1) for a, b in zip(zf, zq)) / count
         bias = lq.bias + delta
         bmax = float(np.abs(bias).max(initial=0.0))
-        if bmax > 0:
+        if keep_steps:
+            bsig, bexp = layers[i].b_sig, layers[i].b_exp
+            bq = np.clip(_round_half_away(bias / (bsig * 2.0 ** (-bexp))), -config.bmax, config.bmax).astype(np.int64)
+        elif bmax > 0:
             bsig, bexp = encode_step(bmax / config.bmax, config.scale_bits)
             bq = np.clip(_round_half_away(bias / (bsig * 2.0 ** (-bexp))), -config.bmax, config.bmax).astype(np.int64)
         else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -45,6 +45,8 @@ class TrainConfig:
     seed: int = 1234
     threads: int = 0  # 0: leave torch's setting
     engine: str = "auto"  # forward/backward: "auto" (C++ engine if available, else torch), "torch", "cpu"
+    finetune_iterations: int | None = None  # low delay, starting from the previous network (None: iterations)
+    finetune_lr: float | None = None  # low delay fine-tuning learning rate (None: lr)
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -137,6 +139,10 @@ def train(data: SegmentData, arch: Architecture, packing: Packing, cfg: TrainCon
     import time
 
     start = time.perf_counter()
+    if init is not None and (cfg.finetune_iterations is not None or cfg.finetune_lr is not None):
+        cfg = replace(cfg, iterations=cfg.finetune_iterations if cfg.finetune_iterations is not None else cfg.iterations,
+                      lr=cfg.finetune_lr if cfg.finetune_lr is not None else cfg.lr,
+                      lr_final=min(cfg.lr_final, cfg.finetune_lr or cfg.lr))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import KernelError, UsageError
+from .buildflags import TRAIN_FLAGS  # shared with setup.py
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ ABI_VERSION = 1
 ENGINE_NAMES = ("auto", "torch", "cpu")
 ISA_AUTO = -1
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}
-TRAIN_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread",
-               "-ffp-contract=fast")
 _SOURCES = ("train_cpu.cpp", "nlf_train.h")
 
 # ---------------------------------------------------------------- build helpers (from kernels.py)
@@ -234,15 +233,9 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 def _prebuilt() -> Path | None:
-    env = os.environ.get("HEVC_NLF_TRAIN_LIB")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        p = here / f"_nlf_train{suffix}"
-        if p.is_file():
-            return p
-    return None
+    from .kernels import prebuilt_library
+
+    return prebuilt_library("_nlf_train", "HEVC_NLF_TRAIN_LIB")
 
 
 def library_path_for_build() -> tuple[list[str], Path]:

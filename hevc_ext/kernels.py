@@ -1,0 +1,652 @@
+"""Filter kernels: the one loader that picks CUDA → C++ → reference.
+
+Every kernel computes :func:`hevc_ext.reference.filter_planes` bit-exactly; they differ only in speed.
+
+* ``cuda`` — ``kernels/filter_cuda.cu``, compiled with nvcc at first use (or found prebuilt) and
+  cached under ``$HEVC_NLF_CACHE`` or ``~/.cache/hevc-nlf/``, keyed by a hash of the sources, the
+  flags and ``nvcc --version``. Whether to *build* is decided by the presence of nvcc alone; whether
+  to *use* the built library needs a CUDA device at run time (asked through the library itself).
+* ``cpu`` — ``kernels/filter_cpu.cpp``, built by ``pip install`` into ``hevc_ext/_nlf_cpu*.so``
+  (AVX-512 / AVX2 / scalar chosen at run time). If the install could not build it, it is compiled
+  at first use into the same cache when a C++ compiler is present.
+* ``reference`` — the numpy definition; always available.
+
+``get_kernel("auto")`` takes the first available one and logs why the others were passed over;
+``get_kernel("cuda" | "cpu" | "reference")`` raises :class:`~hevc_ext.errors.KernelError` with the
+reason when that kernel is unavailable. Native libraries are plain C ABI (``kernels/nlf_filter.h``)
+loaded with ctypes; every native failure becomes a :class:`KernelError` here, the one boundary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.machinery
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from . import reference
+from .errors import KernelError, UsageError
+from .buildflags import CPU_FLAGS, CUDA_FLAGS, CUDA_GENCODE  # noqa: F401 - shared with setup.py
+from .reference import IntNetwork
+
+log = logging.getLogger(__name__)
+
+KERNEL_NAMES = ("cuda", "cpu", "reference")
+ABI_VERSION = 1
+
+# error code of nlf_filter.h the loader acts on
+_ERR_UNSUPPORTED = -8
+
+_ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
+ISA_AUTO = -1
+CPU_ISAS = ("scalar", "avx2", "avx512")
+
+
+
+class Kernel(Protocol):
+    """A filter implementation: ``filter_planes`` returns what the reference returns."""
+
+    name: str
+
+    def filter_planes(self, planes: Sequence[np.ndarray], net: IntNetwork, bitdepth: int) -> list[np.ndarray]:
+        ...
+
+
+# --------------------------------------------------------------------------------- C structures
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("cin", ctypes.c_int32),
+        ("cout", ctypes.c_int32),
+        ("relu", ctypes.c_int32),
+        ("weight", ctypes.c_void_p),
+        ("mult", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("shift", ctypes.c_void_p),
+    ]
+
+
+class _Network(ctypes.Structure):
+    _fields_ = [
+        ("planes", ctypes.c_int32),
+        ("ph", ctypes.c_int32),
+        ("pw", ctypes.c_int32),
+        ("nlayers", ctypes.c_int32),
+        ("layers", ctypes.POINTER(_Layer)),
+    ]
+
+
+class _Planes(ctypes.Structure):
+    _fields_ = [
+        ("height", ctypes.c_int32),
+        ("width", ctypes.c_int32),
+        ("bitdepth", ctypes.c_int32),
+        ("sample_bytes", ctypes.c_int32),
+        ("memory", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 2),
+        ("dst", ctypes.c_void_p * 2),
+        ("src_stride", ctypes.c_ssize_t * 2),
+        ("dst_stride", ctypes.c_ssize_t * 2),
+    ]
+
+
+@dataclass(frozen=True, eq=False)
+class _NativeNet:
+    """An IntNetwork as C structures, with the numpy arrays they point into kept alive. Cached per
+    network object (IntNetwork is frozen; its arrays are treated as immutable)."""
+
+    struct: _Network
+    keep: tuple[object, ...]
+
+
+_native_nets: "weakref.WeakKeyDictionary[IntNetwork, _NativeNet]" = weakref.WeakKeyDictionary()
+_native_lock = threading.Lock()
+
+
+def _native_net(net: IntNetwork) -> _NativeNet:
+    with _native_lock:
+        cached = _native_nets.get(net)
+        if cached is not None:
+            return cached
+    keep: list[object] = []
+    layers = (_Layer * len(net.layers))()
+    for i, layer in enumerate(net.layers):
+        if layer.kind not in ("pw", "dw"):
+            raise KernelError(f"layer {i + 1}: unknown kind {layer.kind!r}")
+        arrays = []
+        for arr, dtype in ((layer.weight, np.int32), (layer.mult, np.int64), (layer.bias, np.int64),
+                           (layer.shift, np.int64)):
+            a = np.asarray(arr)
+            if a.dtype.kind not in "iu":
+                raise KernelError(f"layer {i + 1}: integer arrays expected, got {a.dtype}")
+            c = np.ascontiguousarray(a, dtype=dtype)
+            if not np.array_equal(c, a):
+                raise KernelError(f"layer {i + 1}: values do not fit {np.dtype(dtype).name}")
+            keep.append(c)
+            arrays.append(c)
+        w, m, b, s = arrays
+        expected = (layer.cout, layer.cin) if layer.kind == "pw" else (layer.cout, 3, 3)
+        if w.shape != expected or m.shape != b.shape or m.shape != s.shape or m.shape != (layer.cout,):
+            raise KernelError(f"layer {i + 1}: inconsistent array shapes")
+        layers[i] = _Layer(0 if layer.kind == "pw" else 1, layer.cin, layer.cout, int(bool(layer.relu)),
+                           w.ctypes.data, m.ctypes.data, b.ctypes.data, s.ctypes.data)
+    keep.append(layers)
+    struct = _Network(net.group.planes, net.packing.ph, net.packing.pw, len(net.layers),
+                      ctypes.cast(layers, ctypes.POINTER(_Layer)))
+    native = _NativeNet(struct, tuple(keep))
+    with _native_lock:
+        _native_nets[net] = native
+    return native
+
+
+def _check_planes(planes: Sequence[np.ndarray], net: IntNetwork, bitdepth: int) -> list[np.ndarray]:
+    """The argument checks every kernel shares (raises UsageError, a ValueError)."""
+    if len(planes) != net.group.planes:
+        raise UsageError(f"{net.group.name} network takes {net.group.planes} planes, got {len(planes)}")
+    if not 8 <= int(bitdepth) <= 16:
+        raise UsageError(f"bit depth must be in 8..16, got {bitdepth}")
+    arrs = [np.asarray(p) for p in planes]
+    shape = arrs[0].shape
+    dtype = arrs[0].dtype
+    for a in arrs:
+        if a.ndim != 2 or a.shape != shape or a.shape[0] < 1 or a.shape[1] < 1:
+            raise UsageError(f"planes must be non-empty 2-D arrays of one shape, got {[x.shape for x in arrs]}")
+        if a.dtype != dtype or a.dtype not in (np.uint8, np.uint16):
+            raise UsageError(f"planes must all be uint8 or all uint16, got {[x.dtype.name for x in arrs]}")
+    if dtype == np.uint8 and bitdepth != 8:
+        raise UsageError(f"uint8 planes need bit depth 8, got {bitdepth}")
+    return arrs
+
+
+def _row_view(a: np.ndarray) -> np.ndarray:
+    """``a`` itself if its rows are unit-stride with an element-aligned row stride, else a copy."""
+    item = a.itemsize
+    if a.strides[1] == item and a.strides[0] % item == 0 and a.strides[0] >= a.shape[1] * item:
+        return a
+    return np.ascontiguousarray(a)
+
+
+def _fill_planes(arrs: Sequence[np.ndarray], outs: Sequence[np.ndarray], bitdepth: int, memory: int = 0) -> _Planes:
+    pl = _Planes()
+    pl.height, pl.width = arrs[0].shape
+    pl.bitdepth = int(bitdepth)
+    pl.sample_bytes = arrs[0].itemsize
+    pl.memory = memory
+    for g, (a, o) in enumerate(zip(arrs, outs)):
+        pl.src[g] = a.ctypes.data
+        pl.dst[g] = o.ctypes.data
+        pl.src_stride[g] = a.strides[0] // a.itemsize
+        pl.dst_stride[g] = o.strides[0] // o.itemsize
+    return pl
+
+
+# ---------------------------------------------------------------------------------- the kernels
+class ReferenceKernel:
+    """The numpy definition (reference.filter_planes)."""
+
+    name = "reference"
+
+    def filter_planes(self, planes: Sequence[np.ndarray], net: IntNetwork, bitdepth: int) -> list[np.ndarray]:
+        arrs = _check_planes(planes, net, bitdepth)
+        return reference.filter_planes(arrs, net, bitdepth)
+
+    def __repr__(self) -> str:
+        return "ReferenceKernel()"
+
+
+def _bind_common(lib: ctypes.CDLL) -> None:
+    lib.nlf_abi_version.restype = ctypes.c_int32
+    lib.nlf_abi_version.argtypes = []
+    lib.nlf_strerror.restype = ctypes.c_char_p
+    lib.nlf_strerror.argtypes = [ctypes.c_int32]
+    lib.nlf_last_error.restype = ctypes.c_char_p
+    lib.nlf_last_error.argtypes = []
+    version = lib.nlf_abi_version()
+    if version != ABI_VERSION:
+        raise KernelError(f"kernel library has ABI version {version}, expected {ABI_VERSION}")
+
+
+def _native_error(lib: ctypes.CDLL, name: str, rc: int) -> KernelError:
+    what = lib.nlf_strerror(rc).decode(errors="replace")
+    detail = lib.nlf_last_error().decode(errors="replace")
+    return KernelError(f"{name} kernel failed ({rc}: {what})" + (f": {detail}" if detail else ""))
+
+
+class CpuKernel:
+    """The C++ kernel (filter_cpu.cpp) through its C ABI."""
+
+    name = "cpu"
+
+    def __init__(self, lib: ctypes.CDLL, path: Path, threads: int | None = None, isa: int = ISA_AUTO) -> None:
+        self._lib = lib
+        self.path = path
+        self.threads = 0 if threads is None else int(threads)
+        if self.threads < 0:
+            raise UsageError(f"threads must be >= 1, got {threads}")
+        if isa != ISA_AUTO and not lib.nlf_cpu_isa_supported(isa):
+            raise KernelError(f"instruction set {_ISA_NAMES.get(isa, isa)} is not available on this CPU")
+        self.isa = lib.nlf_cpu_best_isa() if isa == ISA_AUTO else isa
+
+    @property
+    def isa_name(self) -> str:
+        return _ISA_NAMES.get(self.isa, str(self.isa))
+
+    def filter_planes(self, planes: Sequence[np.ndarray], net: IntNetwork, bitdepth: int) -> list[np.ndarray]:
+        arrs = [_row_view(a) for a in _check_planes(planes, net, bitdepth)]
+        outs = [np.empty(a.shape, dtype=a.dtype) for a in arrs]
+        native = _native_net(net)
+        pl = _fill_planes(arrs, outs, bitdepth)
+        rc = self._lib.nlf_cpu_filter(ctypes.byref(native.struct), ctypes.byref(pl), self.threads, self.isa)
+        if rc != 0:
+            raise _native_error(self._lib, self.name, rc)
+        return outs
+
+    def __repr__(self) -> str:
+        return f"CpuKernel(isa={self.isa_name}, threads={self.threads or 'all'}, path={str(self.path)!r})"
+
+
+class CudaKernel:
+    """The CUDA kernel (filter_cuda.cu): host arrays in and out, one launch per plane group.
+
+    A valid network the CUDA kernel cannot run (more than 32 channels per layer, or more shared memory
+    than the device has) is filtered by the C++ kernel instead (or the reference), with a warning."""
+
+    name = "cuda"
+
+    def __init__(self, lib: ctypes.CDLL, path: Path, threads: int | None = None) -> None:
+        self._lib = lib
+        self.path = path
+        self._threads = threads
+        self._fallback: Kernel | None = None
+
+    def filter_planes(self, planes: Sequence[np.ndarray], net: IntNetwork, bitdepth: int) -> list[np.ndarray]:
+        arrs = [_row_view(a) for a in _check_planes(planes, net, bitdepth)]
+        outs = [np.empty(a.shape, dtype=a.dtype) for a in arrs]
+        native = _native_net(net)
+        pl = _fill_planes(arrs, outs, bitdepth)
+        rc = self._lib.nlf_cuda_filter(ctypes.byref(native.struct), ctypes.byref(pl))
+        if rc == _ERR_UNSUPPORTED:
+            if self._fallback is None:
+                try:
+                    self._fallback = _cpu_kernel(self._threads)
+                except KernelError:
+                    self._fallback = ReferenceKernel()
+            log.warning("CUDA kernel cannot run this network (%s); using the %s kernel for it",
+                        self._lib.nlf_last_error().decode(errors="replace"), self._fallback.name)
+            return self._fallback.filter_planes(arrs, net, bitdepth)
+        if rc != 0:
+            raise _native_error(self._lib, self.name, rc)
+        return outs
+
+    def __repr__(self) -> str:
+        return f"CudaKernel(path={str(self.path)!r})"
+
+
+# ------------------------------------------------------------------------------ locating / building
+def cache_dir() -> Path:
+    """Where built kernels are cached: ``$HEVC_NLF_CACHE`` or ``~/.cache/hevc-nlf``."""
+    env = os.environ.get("HEVC_NLF_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hevc-nlf"
+
+
+def kernel_sources() -> Path | None:
+    """The directory holding ``filter_cpu.cpp``, ``filter_cuda.cu`` and ``nlf_filter.h``: the copy an
+    installed package ships (``hevc_ext/_kernels_src``) or the source tree's ``kernels/``."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "_kernels_src", here.parent / "kernels"):
+        if (d / "nlf_filter.h").is_file():
+            return d
+    return None
+
+
+def find_nvcc() -> str | None:
+    """nvcc on PATH, else under ``$CUDA_HOME`` / ``$CUDA_PATH`` / ``/usr/local/cuda``."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "bin" / "nvcc").is_file():
+            return str(Path(root) / "bin" / "nvcc")
+    return None
+
+
+def _find_cxx() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _hash(parts: Sequence[bytes]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.hexdigest()[:16]
+
+
+def _compile(cmd: list[str], out: Path) -> None:
+    """Run a compiler writing to a temporary name, then rename into ``out`` (safe under concurrency)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".part", dir=out.parent)
+    os.close(fd)
+    try:
+        full = cmd + ["-o", tmp]
+        log.info("building kernel: %s", " ".join(full))
+        proc = subprocess.run(full, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip()[-2000:]
+            raise KernelError(f"compiler failed ({proc.returncode}): {' '.join(full)}\n{tail}")
+        os.replace(tmp, out)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelError(f"cannot run {cmd[0]}: {exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _prune(pattern: str, keep: Path, newest: int = 4) -> None:
+    """Remove old builds in the cache (other source versions), keeping the ``newest`` few."""
+    try:
+        old = sorted((p for p in keep.parent.glob(pattern) if p != keep), key=lambda p: p.stat().st_mtime)
+        for p in old[: max(0, len(old) - (newest - 1))]:
+            p.unlink()
+    except OSError:
+        pass
+
+
+def _load(path: Path, bind: "Callable[[ctypes.CDLL], None]") -> ctypes.CDLL:
+    """Load a kernel library and declare its functions; a missing file or symbol is a KernelError."""
+    try:
+        lib = ctypes.CDLL(str(path))
+        _bind_common(lib)
+        bind(lib)
+    except OSError as exc:
+        raise KernelError(f"cannot load {path}: {exc}") from exc
+    except AttributeError as exc:
+        raise KernelError(f"{path} is not a kernel library of this version: {exc}") from exc
+    return lib
+
+
+def _bind_cpu(lib: ctypes.CDLL) -> None:
+    lib.nlf_cpu_best_isa.restype = ctypes.c_int32
+    lib.nlf_cpu_best_isa.argtypes = []
+    lib.nlf_cpu_isa_supported.restype = ctypes.c_int32
+    lib.nlf_cpu_isa_supported.argtypes = [ctypes.c_int32]
+    lib.nlf_cpu_filter.restype = ctypes.c_int32
+    lib.nlf_cpu_filter.argtypes = [ctypes.POINTER(_Network), ctypes.POINTER(_Planes), ctypes.c_int32, ctypes.c_int32]
+
+
+def _bind_cuda(lib: ctypes.CDLL) -> None:
+    lib.nlf_cuda_device_count.restype = ctypes.c_int32
+    lib.nlf_cuda_device_count.argtypes = []
+    for fn in (lib.nlf_cuda_filter, lib.nlf_cuda_check_host):
+        fn.restype = ctypes.c_int32
+        fn.argtypes = [ctypes.POINTER(_Network), ctypes.POINTER(_Planes)]
+
+
+def prebuilt_library(stem: str, env_var: str) -> Path | None:
+    """A native library built by ``pip install`` next to the package (``hevc_ext/<stem>*.so``), or the
+    path in ``$<env_var>``; None if neither exists."""
+    env = os.environ.get(env_var)
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for suffix in (*importlib.machinery.EXTENSION_SUFFIXES, ".so"):
+        p = here / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _prebuilt_cpu() -> Path | None:
+    return prebuilt_library("_nlf_cpu", "HEVC_NLF_CPU_LIB")
+
+
+_lock = threading.RLock()
+_cpu_state: tuple[ctypes.CDLL, Path] | KernelError | None = None
+_cuda_state: tuple[ctypes.CDLL, Path] | KernelError | None = None
+
+
+def _cpu_library() -> tuple[ctypes.CDLL, Path]:
+    """The loaded CPU library (prebuilt by pip install, else built at first use); KernelError if none."""
+    global _cpu_state
+    with _lock:
+        if _cpu_state is None:
+            try:
+                _cpu_state = _load_cpu()
+            except KernelError as exc:
+                _cpu_state = exc
+        if isinstance(_cpu_state, KernelError):
+            raise _cpu_state
+        return _cpu_state
+
+
+def _load_cpu() -> tuple[ctypes.CDLL, Path]:
+    path = _prebuilt_cpu()
+    reasons = []
+    if path is not None:
+        try:
+            return _load(path, _bind_cpu), path
+        except KernelError as exc:
+            reasons.append(f"prebuilt {path}: {exc}")
+    else:
+        reasons.append("not built at install time (no hevc_ext/_nlf_cpu*.so)")
+    src = kernel_sources()
+    cxx = _find_cxx()
+    if src is None or cxx is None:
+        reasons.append("no kernel sources" if src is None else "no C++ compiler to build it at first use")
+        raise KernelError("C++ kernel unavailable: " + "; ".join(reasons))
+    files = [src / "filter_cpu.cpp", src / "nlf_filter.h"]
+    key = _hash([f.read_bytes() for f in files] + [" ".join(CPU_FLAGS).encode(), cxx.encode()])
+    out = cache_dir() / f"libnlf_cpu-{key}.so"
+    if not out.is_file():
+        log.info("C++ kernel %s; building it into %s", reasons[0], out)
+        _compile([cxx, *CPU_FLAGS, str(files[0])], out)
+        _prune("libnlf_cpu-*.so", out)
+    return _load(out, _bind_cpu), out
+
+
+def _cuda_library() -> tuple[ctypes.CDLL, Path]:
+    """The loaded CUDA library (prebuilt, cached or built now with nvcc); KernelError if none.
+    Does not look for a device: see :func:`_cuda_kernel`."""
+    global _cuda_state
+    with _lock:
+        if _cuda_state is None:
+            try:
+                _cuda_state = _load_cuda()
+            except KernelError as exc:
+                _cuda_state = exc
+        if isinstance(_cuda_state, KernelError):
+            raise _cuda_state
+        return _cuda_state
+
+
+def _load_cuda() -> tuple[ctypes.CDLL, Path]:
+    prebuilt = prebuilt_library("_nlf_cuda", "HEVC_NLF_CUDA_LIB")  # built by pip install when nvcc exists
+    if prebuilt is not None:
+        return _load(prebuilt, _bind_cuda), prebuilt
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise KernelError("CUDA kernel unavailable: nvcc not found (PATH, $CUDA_HOME, /usr/local/cuda) "
+                          "and no prebuilt library ($HEVC_NLF_CUDA_LIB)")
+    src = kernel_sources()
+    if src is None:
+        raise KernelError("CUDA kernel unavailable: kernel sources not found")
+    try:
+        version = subprocess.run([nvcc, "--version"], capture_output=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelError(f"CUDA kernel unavailable: cannot run {nvcc}: {exc}") from exc
+    files = [src / "filter_cuda.cu", src / "nlf_filter.h"]
+    key = _hash([f.read_bytes() for f in files] + [version, " ".join(CUDA_FLAGS).encode()])
+    out = cache_dir() / f"libnlf_cuda-{key}.so"
+    if not out.is_file():
+        log.warning("building the CUDA kernel with %s into %s: takes a few minutes, once per kernel source "
+                    "and nvcc version", nvcc, out)
+        _compile([nvcc, *CUDA_FLAGS, str(files[0])], out)
+        _prune("libnlf_cuda-*.so", out)
+    return _load(out, _bind_cuda), out
+
+
+def cuda_driver_device_count() -> int:
+    """CUDA devices the NVIDIA driver reports, asked through libcuda directly (nothing is built);
+    0 without a driver. For cheap checks such as skipping GPU tests."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            drv = ctypes.CDLL(name)
+        except OSError:
+            continue
+        try:
+            if drv.cuInit(0) != 0:
+                return 0
+            n = ctypes.c_int(0)
+            if drv.cuDeviceGetCount(ctypes.byref(n)) != 0:
+                return 0
+            return int(n.value)
+        except AttributeError:
+            return 0
+    return 0
+
+
+def cuda_check_host(planes: Sequence[np.ndarray], net: IntNetwork, bitdepth: int) -> list[np.ndarray]:
+    """Run the CUDA kernel's segment code on the host, block by block and thread by thread (slow; no GPU
+    needed, but nvcc is). A test hook that checks the CUDA kernel's tiling and indexing on any machine."""
+    lib, _ = _cuda_library()
+    arrs = [_row_view(a) for a in _check_planes(planes, net, bitdepth)]
+    outs = [np.empty(a.shape, dtype=a.dtype) for a in arrs]
+    pl = _fill_planes(arrs, outs, bitdepth)
+    rc = lib.nlf_cuda_check_host(ctypes.byref(_native_net(net).struct), ctypes.byref(pl))
+    if rc != 0:
+        raise _native_error(lib, "cuda (host check)", rc)
+    return outs
+
+
+def cuda_device_count() -> int:
+    """CUDA devices the CUDA kernel could use (0 when it is not built or there is none)."""
+    try:
+        lib, _ = _cuda_library()
+    except KernelError:
+        return 0
+    n = int(lib.nlf_cuda_device_count())
+    return max(n, 0)
+
+
+def _cuda_kernel(threads: int | None = None) -> CudaKernel:
+    lib, path = _cuda_library()
+    n = int(lib.nlf_cuda_device_count())
+    if n <= 0:
+        detail = lib.nlf_last_error().decode(errors="replace")
+        raise KernelError("CUDA kernel built but not usable: no CUDA device" + (f" ({detail})" if detail else ""))
+    return CudaKernel(lib, path, threads)
+
+
+def _cpu_kernel(threads: int | None, isa: int = ISA_AUTO) -> CpuKernel:
+    lib, path = _cpu_library()
+    return CpuKernel(lib, path, threads, isa)
+
+
+def cpu_kernel(threads: int | None = None, isa: str = "auto") -> CpuKernel:
+    """The C++ kernel with a chosen code path ("auto", "scalar", "avx2", "avx512"); KernelError if the
+    library or that instruction set is unavailable (for tests and benchmarks)."""
+    if isa == "auto":
+        return _cpu_kernel(threads)
+    if isa not in CPU_ISAS:
+        raise UsageError(f"unknown instruction set {isa!r}: expected auto, {', '.join(CPU_ISAS)}")
+    return _cpu_kernel(threads, CPU_ISAS.index(isa))
+
+
+def cpu_isas() -> list[str]:
+    """The CPU code paths this machine can run (empty if the C++ kernel is unavailable)."""
+    try:
+        lib, _ = _cpu_library()
+    except KernelError:
+        return []
+    return [name for i, name in enumerate(CPU_ISAS) if lib.nlf_cpu_isa_supported(i)]
+
+
+def get_kernel(name: str = "auto", threads: int | None = None) -> Kernel:
+    """The kernel called ``name`` ("cuda", "cpu", "reference"), or for "auto" the first available of
+    CUDA → C++ → reference. ``threads``: CPU threads (None: all). Raises KernelError when an explicitly
+    named kernel is unavailable, UsageError for an unknown name."""
+    if threads is not None and int(threads) < 1:
+        raise UsageError(f"threads must be >= 1, got {threads}")
+    if name == "reference":
+        return ReferenceKernel()
+    if name == "cpu":
+        return _cpu_kernel(threads)
+    if name == "cuda":
+        return _cuda_kernel(threads)
+    if name != "auto":
+        raise UsageError(f"unknown kernel {name!r}: expected auto, {', '.join(KERNEL_NAMES)}")
+    devices = cuda_driver_device_count()
+    if devices:
+        try:
+            return _cuda_kernel(threads)
+        except KernelError as exc:
+            log.info("kernel auto: not cuda: %s", exc)
+    else:
+        # Using CUDA needs a device; without one, nothing is built at run time (the library itself is
+        # built by pip install wherever nvcc exists, GPU or not).
+        log.info("kernel auto: not cuda: the CUDA driver reports no device")
+    try:
+        return _cpu_kernel(threads)
+    except KernelError as exc:
+        log.warning("kernel auto: not cpu: %s; using the numpy reference (slow)", exc)
+    return ReferenceKernel()
+
+
+def kernel_report() -> dict[str, object]:
+    """For ``hevc-nlf info``: each kernel's availability and why, and which one ``auto`` picks."""
+    kernels: dict[str, dict[str, object]] = {}
+    prebuilt = prebuilt_library("_nlf_cuda", "HEVC_NLF_CUDA_LIB")
+    if cuda_driver_device_count() == 0:
+        built = f"built at install: {prebuilt}" if prebuilt else (
+            f"nvcc {find_nvcc()} present: built at install or on first use with a GPU" if find_nvcc()
+            else "nvcc not found: not built")
+        kernels["cuda"] = {"available": False, "reason": f"no CUDA device (driver reports none); {built}"}
+        if prebuilt:
+            kernels["cuda"]["path"] = str(prebuilt)
+    else:
+        try:
+            k = _cuda_kernel()
+            kernels["cuda"] = {"available": True, "reason": f"{cuda_device_count()} CUDA device(s)",
+                               "path": str(k.path)}
+        except KernelError as exc:
+            entry: dict[str, object] = {"available": False, "reason": str(exc)}
+            if isinstance(_cuda_state, tuple):
+                entry["path"] = str(_cuda_state[1])
+            kernels["cuda"] = entry
+    try:
+        c = _cpu_kernel(None)
+        kernels["cpu"] = {"available": True, "reason": f"{c.isa_name} code path", "isa": c.isa_name,
+                          "path": str(c.path)}
+    except KernelError as exc:
+        kernels["cpu"] = {"available": False, "reason": str(exc)}
+    kernels["reference"] = {"available": True, "reason": "numpy definition (always available)"}
+    active = next(n for n in KERNEL_NAMES if kernels[n]["available"])
+    return {"active": active, "kernels": kernels, "cache": str(cache_dir()), "nvcc": find_nvcc()}
+
+
+def _reset_for_tests() -> None:
+    """Forget loaded libraries so that the next call locates them again (tests only)."""
+    global _cpu_state, _cuda_state
+    with _lock:
+        _cpu_state = None
+        _cuda_state = None
+
+
+__all__ = ["Kernel", "ReferenceKernel", "CpuKernel", "CudaKernel", "get_kernel", "kernel_report", "cache_dir",
+           "find_nvcc", "kernel_sources", "cuda_device_count", "cuda_driver_device_count", "cuda_check_host",
+           "cpu_kernel", "cpu_isas", "KERNEL_NAMES", "CPU_ISAS"]

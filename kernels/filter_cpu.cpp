@@ -1,0 +1,1139 @@
+// filter_cpu.cpp — the CPU kernel of the hevc-nlf integer filter (C ABI: nlf_filter.h).
+//
+// Bit-identical to hevc_ext/reference.py for every network that IntNetwork.validate() accepts.
+//
+// Design
+// ------
+// * All layers are fused. The packed picture is cut into work items (a band of packed rows x a strip
+//   of ~254 packed columns). An item streams its rows top to bottom through a pipeline of per-stage
+//   row rings (stage 0 = the packed, centred samples; stage l+1 = the output of layer l). Stage s
+//   computes the rows t + D_s at step t (D_s = depth-wise layers after it), so every row is computed
+//   once per item; only D_s halo columns at the sides of a strip (and D_s halo rows at band edges)
+//   are recomputed. The rings (tens of KB) live in L1/L2; only samples touch DRAM.
+// * Activations are int16 in 32-bit lanes, the operand layout of VPDPWSSD / VPMADDWD:
+//   - channel pairs ("CP"): a lane holds (a[2j], a[2j+1]) of one packed pixel; a point-wise layer
+//     needs one instruction per input-channel pair and output channel (32 MACs per zmm instruction);
+//   - vertical pairs ("VP", SIMD code paths): a stage that a depth-wise layer reads holds (row r,
+//     row r+1) of one channel per lane, and the pipeline advances two rows per step, so one
+//     instruction applies two taps of the 3x3 kernel (12 instead of 18 per channel pair and row pair).
+//   The general row-by-row pipeline (channel pairs only; a depth-wise layer multiplies by (w, 0) and
+//   (0, w)) serves the scalar code path and networks with a depth-wise layer first or two in a row.
+//   Wrapping 32-bit accumulation is exact because validate() bounds every accumulator to int32.
+// * Requantisation z = (acc*mult + bias + round) >> shift needs 64 bits. At plan time every output
+//   channel is checked for the "high-dword" form: with M = mult << (32-shift) < 2^31 and
+//   B = (bias + round) << (32-shift), z = (acc*M + B) >> 32 exactly, and the per-channel accumulator
+//   bounds (from the weights and the input range) prove acc*M + B cannot overflow int64. Then
+//   z is the high dword of VPMULDQ + VPADDQ: 6 instructions per 16 outputs, no 64-bit shift or clamp,
+//   and the clamp comes free with the signed-saturating pack to int16 (plus a max with 0 for ReLU).
+//   Channels outside that form use the general path (VPSRAQ + 64-bit clamp), exact as well.
+// * Instruction sets: AVX-512 (F/BW/DQ/VL/VNNI), AVX2 and portable scalar C++, chosen at run time
+//   (__builtin_cpu_supports). The row kernels and the pipeline are compiled once per instruction
+//   set by including this file into itself under "#pragma GCC target" (no per-file compiler flags
+//   needed, so setuptools can build it as a single source).
+// * Threads: std::thread workers pull items from an atomic counter.
+
+#ifndef NLF_ISA_PASS  // ======================================================== common part
+
+#include "nlf_filter.h"
+
+#include <algorithm>
+#include <cstdarg>
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <new>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define NLF_X86 1
+#include <immintrin.h>
+#else
+#define NLF_X86 0
+#endif
+
+#if NLF_X86 && (defined(__GNUC__) || defined(__clang__))
+#define NLF_HAVE_SIMD 1
+#else
+#define NLF_HAVE_SIMD 0
+#endif
+
+namespace nlf {
+
+static thread_local char g_last_error[512] = "";
+// testing switch: run the SIMD code paths through the row-by-row pipeline even when the row-pair one
+// applies (NLF_ROWWISE=1 in the environment at load time)
+static const bool g_force_rowwise = [] {
+    const char* e = std::getenv("NLF_ROWWISE");
+    return e && e[0] == '1';
+}();
+
+static int fail(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+static int fail(int code, const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(g_last_error, sizeof g_last_error, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+constexpr int ACT_MAX = 32767;
+constexpr int LM = 16;                  // left margin of every ring row (columns)
+constexpr int MAX_CHANNELS = 4096;      // sanity bound on channel counts
+constexpr int64_t MAX_MULT = (int64_t(1) << 31) - 1;
+constexpr int64_t MAX_ABS_BIAS = int64_t(1) << 52;
+constexpr int MAX_SHIFT = 62;
+typedef __int128 i128;
+static const i128 I64_LIMIT = (i128)1 << 63;
+
+// One layer, prepared for the kernels.
+struct LayerPlan {
+    int kind = 0;  // NLF_LAYER_PW / NLF_LAYER_DW
+    int cin = 0, cout = 0, pin = 0, pout = 0;
+    bool relu = false;
+    bool fast = false;      // every channel uses the high-dword requantisation
+    int D = 0;              // depth-wise layers after this one
+    int32_t lo = 0, hi = 0; // output clamp
+    // original integers (scalar path), channel-padded to 2*pout with zeros
+    std::vector<int32_t> w;       // pw: [2*pout][cin]; dw: [2*pout][9]
+    std::vector<int64_t> mult, bround, shift;  // bround = bias + ((1 << shift) >> 1)
+    // SIMD operands
+    std::vector<int32_t> wp;      // pw: [2*pout][pin] word pairs; dw: [pout][9][2] ((w,0), (0,w))
+    std::vector<int32_t> wvp;     // dw, row-pair pipeline: [2*pout][3 dx][4] word pairs, see dw2_rows
+    std::vector<int32_t> wv;      // dw: wp broadcast to 16 lanes ([pout][18][16]), 64-byte aligned at wvo
+    size_t wvo = 0;
+    const int32_t* wvec() const { return wv.data() + wvo; }
+    std::vector<int64_t> fm, fb;  // fast: M, B per channel (2*pout)
+};
+
+struct Plan {
+    int planes = 1, ph = 1, pw = 1, c0 = 1, p0 = 1, bitdepth = 8, halo = 0, maxp = 1;
+    std::vector<LayerPlan> L;
+    int nstages() const { return (int)L.size() + 1; }
+    int pairs(int s) const { return s == 0 ? p0 : L[s - 1].pout; }
+    int D(int s) const { return s == 0 ? halo : L[s - 1].D; }
+    bool vp = false;  // row-pair pipeline possible: every depth-wise layer follows a point-wise one
+    bool dw_input(int s) const { return s < (int)L.size() && L[s].kind == NLF_LAYER_DW; }
+    // rows a stage's ring holds: the row-by-row pipeline needs 3 (read by a depth-wise layer) or 1;
+    // the row-pair pipeline 2 slots of 2 rows or 1 slot of 2 rows
+    int ring(int s) const { return dw_input(s) ? 4 : 2; }
+};
+
+struct Item {
+    int y0, y1, x0, x1;  // packed rows / columns of the output
+};
+
+template <typename T>
+struct Pic {
+    const T* src[2];
+    T* dst[2];
+    ptrdiff_t ss[2], ds[2];
+    int H, W, Hq, Wq, bd;
+};
+
+// Per-thread ring buffers. Element type int16: a pair (2 channels) of one column is 2 consecutive
+// int16; pair j of a row is the contiguous range [j*WB*2, (j+1)*WB*2).
+struct Scratch {
+    int WB = 0;
+    int16_t* mem = nullptr;
+    std::vector<int16_t*> stage;  // base of each stage's ring
+    int16_t* zero = nullptr;      // maxp pairs of zeros
+    Scratch() = default;
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    ~Scratch() { std::free(mem); }
+    bool init(const Plan& P, int WB_) {
+        WB = WB_;
+        size_t total = (size_t)2 * P.maxp * WB * 2;  // zero rows (a zero row pair)
+        std::vector<size_t> off;
+        for (int s = 0; s < P.nstages(); ++s) {
+            off.push_back(total);
+            total += (size_t)P.ring(s) * P.pairs(s) * WB * 2;
+        }
+        size_t bytes = (total * sizeof(int16_t) + 63) / 64 * 64;
+        mem = static_cast<int16_t*>(std::aligned_alloc(64, bytes));
+        if (!mem) return false;
+        std::memset(mem, 0, bytes);
+        zero = mem;
+        stage.clear();
+        for (size_t o : off) stage.push_back(mem + o);
+        return true;
+    }
+    int16_t* row(const Plan& P, int s, int r, int Hq) const {
+        if (r < 0 || r >= Hq) return zero;
+        return stage[s] + (size_t)(r % P.ring(s)) * P.pairs(s) * WB * 2;
+    }
+};
+
+// ------------------------------------------------------------------------------------ planning
+static int build_plan(const nlf_network* net, int bitdepth, Plan& P) {
+    if (!net) return fail(NLF_ERR_ARG, "network is NULL");
+    if (net->planes != 1 && net->planes != 2)
+        return fail(NLF_ERR_NETWORK, "planes must be 1 or 2, got %d", net->planes);
+    if ((net->ph != 1 && net->ph != 2) || (net->pw != 1 && net->pw != 2))
+        return fail(NLF_ERR_NETWORK, "packing must be 1x1, 1x2, 2x1 or 2x2, got %dx%d", net->ph, net->pw);
+    if (net->nlayers < 1 || !net->layers) return fail(NLF_ERR_NETWORK, "network without layers");
+    if (net->nlayers > 4096) return fail(NLF_ERR_NETWORK, "too many layers (%d)", net->nlayers);
+    P.planes = net->planes;
+    P.ph = net->ph;
+    P.pw = net->pw;
+    P.c0 = net->planes * net->ph * net->pw;
+    P.p0 = (P.c0 + 1) / 2;
+    P.bitdepth = bitdepth;
+    P.L.assign(net->nlayers, LayerPlan());
+    int cin = P.c0;
+    // input range of the current layer
+    int64_t in_lo = -(int64_t(1) << (bitdepth - 1)), in_hi = (int64_t(1) << (bitdepth - 1)) - 1;
+    for (int i = 0; i < net->nlayers; ++i) {
+        const nlf_layer& src = net->layers[i];
+        LayerPlan& L = P.L[i];
+        const bool last = i == net->nlayers - 1;
+        if (src.kind != NLF_LAYER_PW && src.kind != NLF_LAYER_DW)
+            return fail(NLF_ERR_NETWORK, "layer %d: unknown kind %d", i + 1, src.kind);
+        if (!src.weight || !src.mult || !src.bias || !src.shift)
+            return fail(NLF_ERR_NETWORK, "layer %d: NULL array", i + 1);
+        if (src.cin != cin)
+            return fail(NLF_ERR_NETWORK, "layer %d: takes %d inputs, previous layer gives %d", i + 1, src.cin, cin);
+        if (src.cout < 1 || src.cout > MAX_CHANNELS)
+            return fail(NLF_ERR_NETWORK, "layer %d: %d output channels", i + 1, src.cout);
+        if (src.kind == NLF_LAYER_DW && src.cout != src.cin)
+            return fail(NLF_ERR_NETWORK, "layer %d: depth-wise layer with %d inputs and %d outputs", i + 1,
+                        src.cin, src.cout);
+        if (last && src.cout != P.c0)
+            return fail(NLF_ERR_NETWORK, "last layer has %d outputs, expected %d", src.cout, P.c0);
+        L.kind = src.kind;
+        L.cin = src.cin;
+        L.cout = src.cout;
+        L.pin = (src.cin + 1) / 2;
+        L.pout = (src.cout + 1) / 2;
+        L.relu = src.relu != 0;
+        L.lo = L.relu ? 0 : -32768;
+        L.hi = ACT_MAX;
+        const int taps = src.kind == NLF_LAYER_PW ? src.cin : 9;
+        const int cpad = 2 * L.pout;
+        L.w.assign((size_t)cpad * taps, 0);
+        L.mult.assign(cpad, 0);
+        L.bround.assign(cpad, 0);
+        L.shift.assign(cpad, 0);
+        L.fm.assign(cpad, 0);
+        L.fb.assign(cpad, 0);
+        bool fast = true;
+        for (int f = 0; f < src.cout; ++f) {
+            int64_t amin = 0, amax = 0;
+            for (int k = 0; k < taps; ++k) {
+                const int32_t w = src.weight[(size_t)f * taps + k];
+                if (w < -32767 || w > 32767)
+                    return fail(NLF_ERR_NETWORK, "layer %d: weight %d out of range", i + 1, (int)w);
+                L.w[(size_t)f * taps + k] = w;
+                if (w >= 0) {
+                    amin += w * in_lo;
+                    amax += w * in_hi;
+                } else {
+                    amin += w * in_hi;
+                    amax += w * in_lo;
+                }
+            }
+            if (amin < INT32_MIN || amax > INT32_MAX)
+                return fail(NLF_ERR_NETWORK, "layer %d: accumulator may exceed 32 bits", i + 1);
+            const int64_t m = src.mult[f], b = src.bias[f], s = src.shift[f];
+            if (m < 0 || m > MAX_MULT)
+                return fail(NLF_ERR_NETWORK, "layer %d: multiplier out of range 0..%lld", i + 1, (long long)MAX_MULT);
+            if (s < 0 || s > MAX_SHIFT)
+                return fail(NLF_ERR_NETWORK, "layer %d: shift out of range 0..%d", i + 1, MAX_SHIFT);
+            if (b < -MAX_ABS_BIAS || b > MAX_ABS_BIAS)
+                return fail(NLF_ERR_NETWORK, "layer %d: bias out of range", i + 1);
+            const int64_t br = b + ((int64_t(1) << s) >> 1);
+            const i128 t1 = (i128)amin * m + br, t2 = (i128)amax * m + br;
+            if (t1 >= I64_LIMIT || t1 < -I64_LIMIT || t2 >= I64_LIMIT || t2 < -I64_LIMIT)
+                return fail(NLF_ERR_NETWORK, "layer %d: product may exceed 64 bits", i + 1);
+            L.mult[f] = m;
+            L.bround[f] = br;
+            L.shift[f] = s;
+            // high-dword form: z = (acc*M + B) >> 32
+            bool ok = s <= 32;
+            if (ok) {
+                const i128 scale = (i128)1 << (32 - s);  // multiply, not shift: br may be negative
+                const i128 M = (i128)m * scale, B = (i128)br * scale;
+                ok = M <= (i128)INT32_MAX && B < I64_LIMIT && B >= -I64_LIMIT;
+                if (ok) {
+                    const i128 u1 = (i128)amin * M + B, u2 = (i128)amax * M + B;
+                    ok = u1 < I64_LIMIT && u1 >= -I64_LIMIT && u2 < I64_LIMIT && u2 >= -I64_LIMIT;
+                }
+                if (ok) {
+                    L.fm[f] = (int64_t)M;
+                    L.fb[f] = (int64_t)B;
+                }
+            }
+            fast = fast && ok;
+        }
+        L.fast = fast;
+        // SIMD weight operands
+        if (L.kind == NLF_LAYER_PW) {
+            L.wp.assign((size_t)cpad * L.pin, 0);
+            for (int f = 0; f < src.cout; ++f)
+                for (int j = 0; j < L.pin; ++j) {
+                    const int32_t a = L.w[(size_t)f * taps + 2 * j];
+                    const int32_t b2 = (2 * j + 1 < src.cin) ? L.w[(size_t)f * taps + 2 * j + 1] : 0;
+                    L.wp[(size_t)f * L.pin + j] = (int32_t)((uint32_t)(uint16_t)(int16_t)a | ((uint32_t)(uint16_t)(int16_t)b2 << 16));
+                }
+        } else {
+            L.wp.assign((size_t)L.pout * 18, 0);
+            for (int q = 0; q < L.pout; ++q)
+                for (int t = 0; t < 9; ++t) {
+                    const int32_t a = L.w[(size_t)(2 * q) * 9 + t];
+                    const int32_t b2 = L.w[(size_t)(2 * q + 1) * 9 + t];  // 0 for a padding channel
+                    L.wp[(size_t)q * 18 + 2 * t] = (int32_t)(uint32_t)(uint16_t)(int16_t)a;
+                    L.wp[(size_t)q * 18 + 2 * t + 1] = (int32_t)((uint32_t)(uint16_t)(int16_t)b2 << 16);
+                }
+            // vertical pairs: lane = (row y, row y+1) of one channel; for output rows (r, r+1) from the
+            // pairs A = (r-1, r) and B = (r+1, r+2): r += A.(w0,w1) + B.(w2,0); r+1 += A.(0,w0) + B.(w1,w2)
+            L.wvp.assign((size_t)2 * L.pout * 12, 0);
+            auto wpair = [](int32_t lo, int32_t hi) {
+                return (int32_t)((uint32_t)(uint16_t)(int16_t)lo | ((uint32_t)(uint16_t)(int16_t)hi << 16));
+            };
+            for (int c = 0; c < src.cout; ++c)
+                for (int dx = 0; dx < 3; ++dx) {
+                    const int32_t w0 = L.w[(size_t)c * 9 + dx], w1 = L.w[(size_t)c * 9 + 3 + dx],
+                                  w2 = L.w[(size_t)c * 9 + 6 + dx];
+                    int32_t* d = &L.wvp[(size_t)c * 12 + dx * 4];
+                    d[0] = wpair(w0, w1);
+                    d[1] = wpair(w2, 0);
+                    d[2] = wpair(0, w0);
+                    d[3] = wpair(w1, w2);
+                }
+            L.wv.assign((size_t)L.pout * 18 * 16 + 16, 0);
+            L.wvo = (size_t)((64 - (reinterpret_cast<uintptr_t>(L.wv.data()) & 63)) & 63) / sizeof(int32_t);
+            for (size_t k = 0; k < (size_t)L.pout * 18; ++k)
+                for (int lane = 0; lane < 16; ++lane) L.wv[L.wvo + k * 16 + lane] = L.wp[k];
+        }
+        cin = src.cout;
+        in_lo = L.relu ? 0 : -32768;
+        in_hi = ACT_MAX;
+    }
+    // halo bookkeeping
+    int d = 0;
+    for (int i = net->nlayers - 1; i >= 0; --i) {
+        P.L[i].D = d;
+        if (P.L[i].kind == NLF_LAYER_DW) ++d;
+    }
+    P.halo = d;
+    P.vp = true;
+    for (int i = 0; i < net->nlayers; ++i)
+        if (P.L[i].kind == NLF_LAYER_DW && (i == 0 || P.L[i - 1].kind != NLF_LAYER_PW)) P.vp = false;
+    P.maxp = P.p0;
+    for (const LayerPlan& L : P.L) P.maxp = std::max(P.maxp, L.pout);
+    return NLF_OK;
+}
+
+typedef void (*ItemFn)(const Plan&, const void* pic, Scratch&, const Item&, unsigned* bad);
+
+}  // namespace nlf
+
+// ============================================================ per-instruction-set implementations
+#define NLF_ISA_PASS 1
+#define NLF_VW 1
+namespace nlf_scalar {
+#include "filter_cpu.cpp"
+}
+#undef NLF_VW
+
+#if NLF_HAVE_SIMD
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,bmi,bmi2,popcnt"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi,bmi2,popcnt")
+#endif
+#define NLF_VW 8
+namespace nlf_avx2 {
+#include "filter_cpu.cpp"
+}
+#undef NLF_VW
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,bmi,bmi2,popcnt"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,bmi,bmi2,popcnt")
+#endif
+#define NLF_VW 16
+namespace nlf_avx512 {
+#include "filter_cpu.cpp"
+}
+#undef NLF_VW
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // NLF_HAVE_SIMD
+#undef NLF_ISA_PASS
+
+// ================================================================================= driver / ABI
+namespace nlf {
+
+static bool cpu_has(int isa) {
+    if (isa == NLF_ISA_SCALAR) return true;
+#if NLF_HAVE_SIMD
+    __builtin_cpu_init();
+    if (isa == NLF_ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == NLF_ISA_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512vnni");
+#endif
+    return false;
+}
+
+static int best_isa() {
+    if (cpu_has(NLF_ISA_AVX512)) return NLF_ISA_AVX512;
+    if (cpu_has(NLF_ISA_AVX2)) return NLF_ISA_AVX2;
+    return NLF_ISA_SCALAR;
+}
+
+static ItemFn item_fn(int isa, bool u16) {
+    switch (isa) {
+#if NLF_HAVE_SIMD
+        case NLF_ISA_AVX512: return u16 ? nlf_avx512::process_item_u16 : nlf_avx512::process_item_u8;
+        case NLF_ISA_AVX2: return u16 ? nlf_avx2::process_item_u16 : nlf_avx2::process_item_u8;
+#endif
+        default: return u16 ? nlf_scalar::process_item_u16 : nlf_scalar::process_item_u8;
+    }
+}
+
+static int vector_width(int isa) { return isa == NLF_ISA_AVX512 ? 16 : (isa == NLF_ISA_AVX2 ? 8 : 1); }
+
+template <typename T>
+static int check_planes(const nlf_planes* pl, int planes, Pic<T>& pic) {
+    for (int g = 0; g < planes; ++g) {
+        if (!pl->src[g] || !pl->dst[g]) return fail(NLF_ERR_ARG, "plane %d: NULL pointer", g);
+        if (pl->src_stride[g] < pl->width || pl->dst_stride[g] < pl->width)
+            return fail(NLF_ERR_ARG, "plane %d: stride smaller than the width", g);
+        pic.src[g] = static_cast<const T*>(pl->src[g]);
+        pic.dst[g] = static_cast<T*>(pl->dst[g]);
+        pic.ss[g] = pl->src_stride[g];
+        pic.ds[g] = pl->dst_stride[g];
+    }
+    for (int g = planes; g < 2; ++g) {
+        pic.src[g] = nullptr;
+        pic.dst[g] = nullptr;
+        pic.ss[g] = pic.ds[g] = 0;
+    }
+    return NLF_OK;
+}
+
+static int filter(const nlf_network* net, const nlf_planes* pl, int threads, int isa) {
+    g_last_error[0] = 0;
+    if (!net || !pl) return fail(NLF_ERR_ARG, "NULL argument");
+    if (pl->height < 1 || pl->width < 1) return fail(NLF_ERR_ARG, "empty picture %dx%d", pl->width, pl->height);
+    if (pl->bitdepth < 8 || pl->bitdepth > 16) return fail(NLF_ERR_ARG, "bit depth %d not in 8..16", pl->bitdepth);
+    if (pl->sample_bytes != 1 && pl->sample_bytes != 2)
+        return fail(NLF_ERR_ARG, "sample_bytes must be 1 or 2, got %d", pl->sample_bytes);
+    if (pl->sample_bytes == 1 && pl->bitdepth != 8)
+        return fail(NLF_ERR_ARG, "8-bit samples need bit depth 8, got %d", pl->bitdepth);
+    if (pl->memory != NLF_MEMORY_HOST) return fail(NLF_ERR_ARG, "the CPU kernel needs host memory");
+    if (isa == NLF_ISA_AUTO) isa = best_isa();
+    if (isa != NLF_ISA_SCALAR && isa != NLF_ISA_AVX2 && isa != NLF_ISA_AVX512)
+        return fail(NLF_ERR_ARG, "unknown instruction set %d", isa);
+    if (!cpu_has(isa)) return fail(NLF_ERR_ISA, "instruction set %d is not available on this CPU", isa);
+
+    Plan P;
+    int rc = build_plan(net, pl->bitdepth, P);
+    if (rc != NLF_OK) return rc;
+
+    const bool u16 = pl->sample_bytes == 2;
+    Pic<uint8_t> p8{};
+    Pic<uint16_t> p16{};
+    rc = u16 ? check_planes(pl, P.planes, p16) : check_planes(pl, P.planes, p8);
+    if (rc != NLF_OK) return rc;
+    const int H = pl->height, W = pl->width;
+    const int Hq = (H + P.ph - 1) / P.ph, Wq = (W + P.pw - 1) / P.pw;
+    p8.H = p16.H = H;
+    p8.W = p16.W = W;
+    p8.Hq = p16.Hq = Hq;
+    p8.Wq = p16.Wq = Wq;
+    p8.bd = p16.bd = pl->bitdepth;
+
+    // work items: strips of ~254 packed columns (long rows amortise the per-row set-up; the rings of a
+    // 5x12 network stay in L2), bands of rows for load balance between threads
+    const int VW = vector_width(isa);
+    if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
+    threads = std::min(threads, 256);
+    const int tw_target = 254;
+    const int nstrips = std::max(1, (Wq + tw_target / 2) / tw_target);
+    const int tw = (Wq + nstrips - 1) / nstrips;
+    int nbands = 1;
+    if (threads > 1) {  // ~8 items per thread: a descheduled thread delays the call by one small item
+        nbands = (8 * threads + nstrips - 1) / nstrips;
+        const int min_rows = std::max(16, 4 * P.halo);
+        nbands = std::max(1, std::min(nbands, Hq / min_rows));
+    }
+    std::vector<Item> items;
+    for (int b = 0; b < nbands; ++b) {
+        const int y0 = (int)((int64_t)Hq * b / nbands), y1 = (int)((int64_t)Hq * (b + 1) / nbands);
+        if (y1 <= y0) continue;
+        for (int s = 0; s < nstrips; ++s) {
+            const int x0 = s * tw, x1 = std::min(Wq, x0 + tw);
+            if (x1 > x0) items.push_back(Item{y0, y1, x0, x1});
+        }
+    }
+    int WB = LM + tw + 2 * P.halo + VW + 2;
+    WB = (WB + 15) / 16 * 16 + 16;
+    threads = std::max(1, std::min(threads, (int)items.size()));
+
+    const ItemFn fn = item_fn(isa, u16);
+    const void* picp = u16 ? static_cast<const void*>(&p16) : static_cast<const void*>(&p8);
+    std::atomic<int> next(0);
+    std::atomic<unsigned> bad(0);
+    std::atomic<int> status(NLF_OK);
+    auto worker = [&]() {
+        try {
+            Scratch S;
+            if (!S.init(P, WB)) {
+                status.store(NLF_ERR_NOMEM);
+                return;
+            }
+            unsigned b = 0;
+            for (;;) {
+                const int k = next.fetch_add(1);
+                if (k >= (int)items.size() || status.load() != NLF_OK) break;
+                fn(P, picp, S, items[k], &b);
+            }
+            bad.fetch_or(b);
+        } catch (const std::bad_alloc&) {
+            status.store(NLF_ERR_NOMEM);
+        } catch (...) {
+            status.store(NLF_ERR_INTERNAL);
+        }
+    };
+    try {
+        std::vector<std::thread> pool;
+        pool.reserve(threads - 1);
+        for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+        worker();
+        for (std::thread& th : pool) th.join();
+    } catch (const std::system_error&) {
+        return fail(NLF_ERR_INTERNAL, "cannot start threads");
+    } catch (const std::bad_alloc&) {
+        return fail(NLF_ERR_NOMEM, "out of memory");
+    }
+    const int st = status.load();
+    if (st == NLF_ERR_NOMEM) return fail(st, "out of memory for ring buffers");
+    if (st != NLF_OK) return fail(st, "internal error in a worker thread");
+    if (bad.load()) return fail(NLF_ERR_RANGE, "a sample is >= 2^%d", pl->bitdepth);
+    return NLF_OK;
+}
+
+}  // namespace nlf
+
+extern "C" {
+
+NLF_API int32_t nlf_abi_version(void) { return NLF_ABI_VERSION; }
+
+NLF_API const char* nlf_strerror(int32_t code) {
+    switch (code) {
+        case NLF_OK: return "ok";
+        case NLF_ERR_ARG: return "invalid argument";
+        case NLF_ERR_NETWORK: return "invalid network";
+        case NLF_ERR_RANGE: return "sample out of range for the bit depth";
+        case NLF_ERR_NOMEM: return "out of memory";
+        case NLF_ERR_ISA: return "instruction set not available";
+        case NLF_ERR_NODEVICE: return "no CUDA device";
+        case NLF_ERR_CUDA: return "CUDA error";
+        case NLF_ERR_UNSUPPORTED: return "network not supported by this kernel";
+        case NLF_ERR_INTERNAL: return "internal error";
+        default: return "unknown error";
+    }
+}
+
+NLF_API const char* nlf_last_error(void) { return nlf::g_last_error; }
+
+NLF_API int32_t nlf_cpu_best_isa(void) { return nlf::best_isa(); }
+
+NLF_API int32_t nlf_cpu_isa_supported(int32_t isa) {
+    if (isa != NLF_ISA_SCALAR && isa != NLF_ISA_AVX2 && isa != NLF_ISA_AVX512) return 0;
+    return nlf::cpu_has(isa) ? 1 : 0;
+}
+
+NLF_API int32_t nlf_cpu_filter(const nlf_network* net, const nlf_planes* planes, int32_t threads, int32_t isa) {
+    try {
+        return nlf::filter(net, planes, threads, isa);
+    } catch (const std::bad_alloc&) {
+        return nlf::fail(NLF_ERR_NOMEM, "out of memory");
+    } catch (...) {
+        return nlf::fail(NLF_ERR_INTERNAL, "unexpected C++ exception");
+    }
+}
+
+}  // extern "C"
+
+#else  // ================================================= NLF_ISA_PASS: one instruction set
+// Included three times (namespaces nlf_scalar, nlf_avx2, nlf_avx512) with NLF_VW = 1, 8, 16.
+
+using nlf::Item;
+using nlf::LayerPlan;
+using nlf::Pic;
+using nlf::Plan;
+using nlf::Scratch;
+
+// ------------------------------------------------------------------------ input / output stages
+// Stage 0 row r: packed columns [xa, xb) (inside the picture) as centred int16 channel pairs.
+// Returns OR of (sample >> bitdepth) for the range check of 16-bit containers.
+template <typename T>
+static inline unsigned input_row(const Plan& P, const Pic<T>& pic, int r, int xa, int xb, int16_t* out,
+                                 int WB, int ia) {
+    const int off = 1 << (pic.bd - 1);
+    const int ph = P.ph, pw = P.pw, pp = ph * pw;
+    const int H = pic.H, W = pic.W;
+    unsigned bad = 0;
+    const unsigned bd = (unsigned)pic.bd;
+    for (int p = 0; p < P.p0; ++p) {
+        int16_t* __restrict o = out + ((size_t)p * WB + ia) * 2;
+        const int ch0 = 2 * p, ch1 = 2 * p + 1;
+        if (pw == 2) {  // ch0, ch1 = dx 0, 1 of the same plane row: contiguous samples
+            const int g = ch0 / pp, dy = (ch0 % pp) / pw;
+            const int Y = std::min(r * ph + dy, H - 1);
+            const T* __restrict s = pic.src[g] + (ptrdiff_t)Y * pic.ss[g];
+            const int X0 = 2 * xa, X1 = 2 * xb, Xl = std::min(X1, W);
+            for (int X = X0; X < Xl; ++X) {
+                o[X - X0] = (int16_t)((int)s[X] - off);
+                if (sizeof(T) > 1) bad |= (unsigned)s[X] >> bd;
+            }
+            for (int X = Xl; X < X1; ++X) o[X - X0] = (int16_t)((int)s[W - 1] - off);
+            if (sizeof(T) > 1 && Xl < X1) bad |= (unsigned)s[W - 1] >> bd;
+        } else {  // pw == 1: two rows / planes interleaved, or (sample, 0)
+            const int g0 = ch0 / pp, dy0 = ch0 % pp;
+            const T* __restrict s0 = pic.src[g0] + (ptrdiff_t)std::min(r * ph + dy0, H - 1) * pic.ss[g0];
+            if (ch1 < P.c0) {
+                const int g1 = ch1 / pp, dy1 = ch1 % pp;
+                const T* __restrict s1 = pic.src[g1] + (ptrdiff_t)std::min(r * ph + dy1, H - 1) * pic.ss[g1];
+                for (int x = xa; x < xb; ++x) {
+                    o[2 * (x - xa)] = (int16_t)((int)s0[x] - off);
+                    o[2 * (x - xa) + 1] = (int16_t)((int)s1[x] - off);
+                    if (sizeof(T) > 1) bad |= ((unsigned)s0[x] | (unsigned)s1[x]) >> bd;
+                }
+            } else {
+                for (int x = xa; x < xb; ++x) {
+                    o[2 * (x - xa)] = (int16_t)((int)s0[x] - off);
+                    o[2 * (x - xa) + 1] = 0;
+                    if (sizeof(T) > 1) bad |= (unsigned)s0[x] >> bd;
+                }
+            }
+        }
+    }
+    return bad;
+}
+
+// Last stage row r (residual pairs, column x0 at index i0): dst = clip(src + r) for the samples of
+// packed columns [x0, x1) that lie inside the picture.
+template <typename T>
+static inline void output_row(const Plan& P, const Pic<T>& pic, int r, int x0, int x1, const int16_t* res,
+                              int WB, int i0) {
+    const int maxv = (1 << pic.bd) - 1;
+    const int ph = P.ph, pw = P.pw, pp = ph * pw;
+    for (int p = 0; p < P.p0; ++p) {
+        const int16_t* __restrict rr = res + ((size_t)p * WB + i0) * 2;
+        if (pw == 2) {
+            const int ch0 = 2 * p, g = ch0 / pp, dy = (ch0 % pp) / pw;
+            const int Y = r * ph + dy;
+            if (Y >= pic.H) continue;
+            const T* __restrict s = pic.src[g] + (ptrdiff_t)Y * pic.ss[g];
+            T* __restrict d = pic.dst[g] + (ptrdiff_t)Y * pic.ds[g];
+            const int X0 = 2 * x0, X1 = std::min(2 * x1, pic.W);
+            for (int X = X0; X < X1; ++X) {
+                int v = (int)s[X] + (int)rr[X - X0];
+                d[X] = (T)(v < 0 ? 0 : (v > maxv ? maxv : v));
+            }
+        } else {
+            for (int k = 0; k < 2; ++k) {
+                const int ch = 2 * p + k;
+                if (ch >= P.c0) break;
+                const int g = ch / pp, dy = ch % pp;
+                const int Y = r * ph + dy;
+                if (Y >= pic.H) continue;
+                const T* __restrict s = pic.src[g] + (ptrdiff_t)Y * pic.ss[g];
+                T* __restrict d = pic.dst[g] + (ptrdiff_t)Y * pic.ds[g];
+                const int16_t* __restrict rk = rr + k;
+                for (int x = x0; x < x1; ++x) {
+                    int v = (int)s[x] + (int)rk[2 * (x - x0)];
+                    d[x] = (T)(v < 0 ? 0 : (v > maxv ? maxv : v));
+                }
+            }
+        }
+    }
+}
+
+// Zero the columns of a ring row that lie outside the picture (depth-wise layers read them as 0).
+static inline void zero_outside(int16_t* row, int npairs, int WB, int xorg, int Wq) {
+    // column x is at index x - xorg
+    const int ilo = std::max(0, std::min(WB, -xorg));       // index of column 0
+    const int ihi = std::max(0, std::min(WB, Wq - xorg));   // index of column Wq
+    for (int p = 0; p < npairs; ++p) {
+        int16_t* b = row + (size_t)p * WB * 2;
+        if (ilo > 0) std::memset(b, 0, (size_t)ilo * 4);
+        if (ihi < WB) std::memset(b + (size_t)ihi * 2, 0, (size_t)(WB - ihi) * 4);
+    }
+}
+
+// acc*m + b in wrapping 64-bit arithmetic (exact for valid inputs; no UB on garbage columns)
+static inline int64_t mul_add_wrap(int64_t acc, int64_t m, int64_t b) {
+    return (int64_t)((uint64_t)acc * (uint64_t)m + (uint64_t)b);
+}
+
+static inline int32_t requant_scalar(int64_t acc, const LayerPlan& L, int f) {
+    const int64_t z = mul_add_wrap(acc, L.mult[f], L.bround[f]) >> L.shift[f];
+    return (int32_t)(z < L.lo ? L.lo : (z > L.hi ? L.hi : z));
+}
+
+
+#if NLF_VW == 1  // ------------------------------------------------------------ scalar row kernels
+
+static inline int16_t act(const int16_t* row, int WB, int c, int i) {
+    return row[((size_t)(c >> 1) * WB + i) * 2 + (c & 1)];
+}
+
+static void pw_row(const LayerPlan& L, const int16_t* in, int16_t* out, int WB, int i0, int n) {
+    const int cin = L.cin;
+    for (int i = i0; i < i0 + n; ++i) {
+        for (int f = 0; f < 2 * L.pout; ++f) {
+            int64_t acc = 0;
+            const int32_t* w = L.w.data() + (size_t)f * cin;
+            for (int c = 0; c < cin; ++c) acc += (int64_t)w[c] * act(in, WB, c, i);
+            out[((size_t)(f >> 1) * WB + i) * 2 + (f & 1)] = (int16_t)requant_scalar(acc, L, f);
+        }
+    }
+}
+
+static void dw_row(const LayerPlan& L, const int16_t* const rows[3], int16_t* out, int WB, int i0, int n) {
+    for (int f = 0; f < 2 * L.pout; ++f) {
+        const int32_t* w = L.w.data() + (size_t)f * 9;
+        for (int i = i0; i < i0 + n; ++i) {
+            int64_t acc = 0;
+            for (int dy = 0; dy < 3; ++dy)
+                for (int dx = 0; dx < 3; ++dx) acc += (int64_t)w[dy * 3 + dx] * act(rows[dy], WB, f, i + dx);
+            out[((size_t)(f >> 1) * WB + i) * 2 + (f & 1)] = (int16_t)requant_scalar(acc, L, f);
+        }
+    }
+}
+
+#elif NLF_VW == 16  // ------------------------------------------------------ AVX-512 row kernels
+
+typedef __m512i V;
+static inline V vload(const int16_t* p) { return _mm512_loadu_si512((const void*)p); }
+static inline void vstore(int16_t* p, V v) { _mm512_storeu_si512((void*)p, v); }
+static inline V vzero() { return _mm512_setzero_si512(); }
+static inline V vdot(V acc, V x, int32_t w) { return _mm512_dpwssd_epi32(acc, x, _mm512_set1_epi32(w)); }
+static inline V vdot2(V acc, V x, V w) { return _mm512_dpwssd_epi32(acc, x, w); }
+static inline V vbcast(int32_t w) { return _mm512_set1_epi32(w); }
+static inline V vloadw(const int32_t* p) { return _mm512_load_si512((const void*)p); }
+
+// z (int32, pixel order) from 16 int32 accumulators, high-dword form.
+static inline V rq_fast(V acc, int64_t M, int64_t B) {
+    const V vm = _mm512_set1_epi64(M), vb = _mm512_set1_epi64(B);
+    const V e = _mm512_add_epi64(_mm512_mul_epi32(acc, vm), vb);
+    const V o = _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(acc, 32), vm), vb);
+    const V idx = _mm512_set_epi32(31, 15, 29, 13, 27, 11, 25, 9, 23, 7, 21, 5, 19, 3, 17, 1);
+    return _mm512_permutex2var_epi32(e, idx, o);
+}
+// general form: 64-bit arithmetic shift and clamp
+static inline V rq_general(V acc, int64_t m, int64_t b, int64_t s, int32_t lo, int32_t hi) {
+    const V vm = _mm512_set1_epi64(m), vb = _mm512_set1_epi64(b);
+    const __m128i cnt = _mm_cvtsi64_si128(s);
+    const V vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
+    V e = _mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(acc, vm), vb), cnt);
+    V o = _mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(acc, 32), vm), vb), cnt);
+    e = _mm512_min_epi64(_mm512_max_epi64(e, vlo), vhi);
+    o = _mm512_min_epi64(_mm512_max_epi64(o, vlo), vhi);
+    const V idx = _mm512_set_epi32(30, 14, 28, 12, 26, 10, 24, 8, 22, 6, 20, 4, 18, 2, 16, 0);
+    return _mm512_permutex2var_epi32(e, idx, o);
+}
+// two channels' z -> saturated int16 pairs (z0, z1) per pixel; ReLU clamps at 0
+static inline V pair(V z0, V z1, bool relu) {
+    V p = _mm512_packs_epi32(z0, z1);
+    if (relu) p = _mm512_max_epi16(p, vzero());
+    const V sh = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15));
+    return _mm512_shuffle_epi8(p, sh);
+}
+
+#elif NLF_VW == 8  // ---------------------------------------------------------- AVX2 row kernels
+
+typedef __m256i V;
+static inline V vload(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline void vstore(int16_t* p, V v) { _mm256_storeu_si256((__m256i*)p, v); }
+static inline V vzero() { return _mm256_setzero_si256(); }
+static inline V vdot(V acc, V x, int32_t w) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, _mm256_set1_epi32(w))); }
+static inline V vdot2(V acc, V x, V w) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
+static inline V vbcast(int32_t w) { return _mm256_set1_epi32(w); }
+static inline V vloadw(const int32_t* p) { return _mm256_load_si256((const __m256i*)p); }
+
+static inline V rq_fast(V acc, int64_t M, int64_t B) {
+    const V vm = _mm256_set1_epi64x(M), vb = _mm256_set1_epi64x(B);
+    const V e = _mm256_add_epi64(_mm256_mul_epi32(acc, vm), vb);
+    const V o = _mm256_add_epi64(_mm256_mul_epi32(_mm256_srli_epi64(acc, 32), vm), vb);
+    return _mm256_blend_epi32(_mm256_srli_epi64(e, 32), o, 0xAA);
+}
+// general form (rare): scalar, through memory
+static inline V rq_general(V acc, int64_t m, int64_t b, int64_t s, int32_t lo, int32_t hi) {
+    alignas(32) int32_t a[8];
+    _mm256_store_si256((__m256i*)a, acc);
+    for (int k = 0; k < 8; ++k) {
+        const int64_t z = mul_add_wrap(a[k], m, b) >> s;
+        a[k] = (int32_t)(z < lo ? lo : (z > hi ? hi : z));
+    }
+    return _mm256_load_si256((const __m256i*)a);
+}
+static inline V pair(V z0, V z1, bool relu) {
+    V p = _mm256_packs_epi32(z0, z1);
+    if (relu) p = _mm256_max_epi16(p, vzero());
+    const V sh = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+                                  0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+    return _mm256_shuffle_epi8(p, sh);
+}
+
+#endif
+
+#if NLF_VW > 1  // ------------------------------------------------- SIMD row kernels (shared)
+
+// Row kernels compute NLF_VW-column vectors starting at ring index i0 (a multiple of 16) and store
+// whole vectors (columns past the requested range are computed from whatever the rings hold there
+// and never read as valid data). Depth-wise input rows are indexed so that input index i + dx holds
+// column x + dx - 1 of output index i (the input stage's ring origin is one column further left).
+
+template <bool FAST>
+static inline V rq(V acc, const LayerPlan& L, int f) {
+    if (FAST) return rq_fast(acc, L.fm[f], L.fb[f]);
+    return rq_general(acc, L.mult[f], L.bround[f], L.shift[f], L.lo, L.hi);
+}
+
+// Point-wise layer: NB pixel vectors per iteration share the weight broadcasts; PIN input pairs held
+// in registers (PIN = 0: any number of pairs, read from the ring).
+template <bool FAST, int PIN, int NB>
+static inline void pw_block(const LayerPlan& L, const int16_t* __restrict in, int16_t* __restrict out, size_t ps,
+                            size_t i) {
+    const int pin = PIN ? PIN : L.pin;
+    const int32_t* __restrict wp = L.wp.data();
+    V X[PIN ? PIN : 1][NB];
+    if (PIN)
+        for (int j = 0; j < PIN; ++j)
+            for (int b = 0; b < NB; ++b) X[j][b] = vload(in + j * ps + i + b * 2 * NLF_VW);
+    for (int q = 0; q < L.pout; ++q) {
+        const int32_t* w0 = wp + (size_t)(2 * q) * pin;
+        const int32_t* w1 = w0 + pin;
+        V a0[NB], a1[NB];
+        for (int b = 0; b < NB; ++b) a0[b] = a1[b] = vzero();
+        for (int j = 0; j < pin; ++j) {
+            const int32_t c0 = w0[j], c1 = w1[j];
+            for (int b = 0; b < NB; ++b) {
+                const V x = PIN ? X[PIN ? j : 0][b] : vload(in + j * ps + i + b * 2 * NLF_VW);
+                a0[b] = vdot(a0[b], x, c0);
+                a1[b] = vdot(a1[b], x, c1);
+            }
+        }
+        for (int b = 0; b < NB; ++b)
+            vstore(out + q * ps + i + b * 2 * NLF_VW,
+                   pair(rq<FAST>(a0[b], L, 2 * q), rq<FAST>(a1[b], L, 2 * q + 1), L.relu));
+    }
+}
+
+template <bool FAST, int PIN>
+static void pw_row_t(const LayerPlan& L, const int16_t* in, int16_t* out, int WB, int i0, int nvec) {
+    const size_t ps = (size_t)WB * 2;  // int16 elements between pairs
+    int v = 0;
+    for (; v + 2 <= nvec; v += 2) pw_block<FAST, PIN, 2>(L, in, out, ps, (size_t)(i0 + NLF_VW * v) * 2);
+    if (v < nvec) pw_block<FAST, PIN, 1>(L, in, out, ps, (size_t)(i0 + NLF_VW * v) * 2);
+}
+
+template <int NB>
+static inline void dw_block(const V (&W)[18], const int16_t* r0, const int16_t* r1, const int16_t* r2, size_t i,
+                            V (&a0)[2], V (&a1)[2]) {
+    const int16_t* rr[3] = {r0 + i, r1 + i, r2 + i};
+    for (int b = 0; b < NB; ++b) a0[b] = a1[b] = vzero();
+    for (int dy = 0; dy < 3; ++dy)
+        for (int dx = 0; dx < 3; ++dx)
+            for (int b = 0; b < NB; ++b) {
+                const V x = vload(rr[dy] + 2 * dx + b * 2 * NLF_VW);
+                a0[b] = vdot2(a0[b], x, W[(dy * 3 + dx) * 2]);
+                a1[b] = vdot2(a1[b], x, W[(dy * 3 + dx) * 2 + 1]);
+            }
+}
+
+template <bool FAST>
+static void dw_row_t(const LayerPlan& L, const int16_t* const rows[3], int16_t* out, int WB, int i0, int nvec) {
+    const size_t ps = (size_t)WB * 2;
+    for (int q = 0; q < L.pout; ++q) {
+        V W[18];  // (w, 0) and (0, w) of the 9 taps, held in registers across the row
+        const int32_t* wv = L.wvec() + (size_t)q * 18 * 16;
+        for (int k = 0; k < 18; ++k) W[k] = vloadw(wv + k * 16);
+        const int16_t* r0 = rows[0] + q * ps;
+        const int16_t* r1 = rows[1] + q * ps;
+        const int16_t* r2 = rows[2] + q * ps;
+        int16_t* o = out + q * ps;
+        int v = 0;
+        V a0[2], a1[2];
+        for (; v + 2 <= nvec; v += 2) {
+            const size_t i = (size_t)(i0 + NLF_VW * v) * 2;
+            dw_block<2>(W, r0, r1, r2, i, a0, a1);
+            for (int b = 0; b < 2; ++b)
+                vstore(o + i + b * 2 * NLF_VW,
+                       pair(rq<FAST>(a0[b], L, 2 * q), rq<FAST>(a1[b], L, 2 * q + 1), L.relu));
+        }
+        if (v < nvec) {
+            const size_t i = (size_t)(i0 + NLF_VW * v) * 2;
+            dw_block<1>(W, r0, r1, r2, i, a0, a1);
+            vstore(o + i, pair(rq<FAST>(a0[0], L, 2 * q), rq<FAST>(a1[0], L, 2 * q + 1), L.relu));
+        }
+    }
+}
+
+template <bool FAST>
+static void pw_dispatch(const LayerPlan& L, const int16_t* in, int16_t* out, int WB, int i0, int nvec) {
+    switch (L.pin) {
+        case 1: return pw_row_t<FAST, 1>(L, in, out, WB, i0, nvec);
+        case 2: return pw_row_t<FAST, 2>(L, in, out, WB, i0, nvec);
+        case 3: return pw_row_t<FAST, 3>(L, in, out, WB, i0, nvec);
+        case 4: return pw_row_t<FAST, 4>(L, in, out, WB, i0, nvec);
+        case 5: return pw_row_t<FAST, 5>(L, in, out, WB, i0, nvec);
+        case 6: return pw_row_t<FAST, 6>(L, in, out, WB, i0, nvec);
+        case 8: return pw_row_t<FAST, 8>(L, in, out, WB, i0, nvec);
+        default: return pw_row_t<FAST, 0>(L, in, out, WB, i0, nvec);
+    }
+}
+
+static void pw_row(const LayerPlan& L, const int16_t* in, int16_t* out, int WB, int i0, int n) {
+    const int nvec = (n + NLF_VW - 1) / NLF_VW;
+    if (L.fast)
+        pw_dispatch<true>(L, in, out, WB, i0, nvec);
+    else
+        pw_dispatch<false>(L, in, out, WB, i0, nvec);
+}
+
+static void dw_row(const LayerPlan& L, const int16_t* const rows[3], int16_t* out, int WB, int i0, int n) {
+    const int nvec = (n + NLF_VW - 1) / NLF_VW;
+    if (L.fast)
+        dw_row_t<true>(L, rows, out, WB, i0, nvec);
+    else
+        dw_row_t<false>(L, rows, out, WB, i0, nvec);
+}
+
+
+// ------------------------------------------------------------------ row-pair pipeline kernels
+// Two rows at a time. A stage read by a depth-wise layer is stored as vertical pairs ("VP"): channel
+// row c of a slot holds (row r, row r+1) of channel c in each 32-bit lane, so one VPDPWSSD applies
+// two taps of one channel (no lane wasted); any other stage as channel pairs ("CP") per row.
+
+// point-wise layer on rows (r, r+1), CP input -> VP output (channel rows f = 0..2*pout-1);
+// rows flagged invalid (outside the picture) are stored as 0: the next depth-wise layer's padding
+template <bool FAST, int PIN>
+static void pw2_vp_t(const LayerPlan& L, const int16_t* in0, const int16_t* in1, int16_t* out, int WB, int i0,
+                     int nvec, bool valid0, bool valid1) {
+    const int pin = PIN ? PIN : L.pin;
+    const size_t ps = (size_t)WB * 2;
+    const int32_t* __restrict wp = L.wp.data();
+    const V zero = vzero();
+    for (int v = 0; v < nvec; ++v) {
+        const size_t i = (size_t)(i0 + NLF_VW * v) * 2;
+        V X0[PIN ? PIN : 1], X1[PIN ? PIN : 1];
+        if (PIN)
+            for (int j = 0; j < PIN; ++j) {
+                X0[j] = vload(in0 + j * ps + i);
+                X1[j] = vload(in1 + j * ps + i);
+            }
+        for (int f = 0; f < 2 * L.pout; ++f) {
+            const int32_t* w = wp + (size_t)f * pin;
+            V a0 = vzero(), a1 = vzero();
+            for (int j = 0; j < pin; ++j) {
+                const V x0 = PIN ? X0[PIN ? j : 0] : vload(in0 + j * ps + i);
+                const V x1 = PIN ? X1[PIN ? j : 0] : vload(in1 + j * ps + i);
+                a0 = vdot(a0, x0, w[j]);
+                a1 = vdot(a1, x1, w[j]);
+            }
+            const V z0 = valid0 ? rq<FAST>(a0, L, f) : zero;
+            const V z1 = valid1 ? rq<FAST>(a1, L, f) : zero;
+            vstore(out + f * ps + i, pair(z0, z1, L.relu));
+        }
+    }
+}
+
+template <bool FAST>
+static void pw2_vp_dispatch(const LayerPlan& L, const int16_t* in0, const int16_t* in1, int16_t* out, int WB,
+                            int i0, int nvec, bool valid0, bool valid1) {
+    switch (L.pin) {
+        case 1: return pw2_vp_t<FAST, 1>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        case 2: return pw2_vp_t<FAST, 2>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        case 4: return pw2_vp_t<FAST, 4>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        case 6: return pw2_vp_t<FAST, 6>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        case 8: return pw2_vp_t<FAST, 8>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        default: return pw2_vp_t<FAST, 0>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+    }
+}
+
+static void pw2_vp(const LayerPlan& L, const int16_t* in0, const int16_t* in1, int16_t* out, int WB, int i0, int n,
+                   bool valid0, bool valid1) {
+    const int nvec = (n + NLF_VW - 1) / NLF_VW;
+    if (L.fast)
+        pw2_vp_dispatch<true>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+    else
+        pw2_vp_dispatch<false>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+}
+
+// depth-wise layer on rows (r, r+1): VP input slots A = (r-1, r), B = (r+1, r+2) -> CP rows out0, out1
+template <bool FAST>
+static void dw2_t(const LayerPlan& L, const int16_t* A, const int16_t* B, int16_t* out0, int16_t* out1, int WB,
+                  int i0, int nvec) {
+    const size_t ps = (size_t)WB * 2;
+    for (int q = 0; q < L.pout; ++q) {
+        const int c0 = 2 * q, c1 = 2 * q + 1;
+        const int32_t* w0 = L.wvp.data() + (size_t)c0 * 12;
+        const int32_t* w1 = L.wvp.data() + (size_t)c1 * 12;
+        const int16_t *a0p = A + c0 * ps, *b0p = B + c0 * ps, *a1p = A + c1 * ps, *b1p = B + c1 * ps;
+        for (int v = 0; v < nvec; ++v) {
+            const size_t i = (size_t)(i0 + NLF_VW * v) * 2;
+            V s00 = vzero(), s01 = vzero(), s10 = vzero(), s11 = vzero();  // s<channel><row>
+            for (int dx = 0; dx < 3; ++dx) {
+                const V xa0 = vload(a0p + i + 2 * dx), xb0 = vload(b0p + i + 2 * dx);
+                const V xa1 = vload(a1p + i + 2 * dx), xb1 = vload(b1p + i + 2 * dx);
+                s00 = vdot(vdot(s00, xa0, w0[dx * 4 + 0]), xb0, w0[dx * 4 + 1]);
+                s01 = vdot(vdot(s01, xa0, w0[dx * 4 + 2]), xb0, w0[dx * 4 + 3]);
+                s10 = vdot(vdot(s10, xa1, w1[dx * 4 + 0]), xb1, w1[dx * 4 + 1]);
+                s11 = vdot(vdot(s11, xa1, w1[dx * 4 + 2]), xb1, w1[dx * 4 + 3]);
+            }
+            vstore(out0 + q * ps + i, pair(rq<FAST>(s00, L, c0), rq<FAST>(s10, L, c1), L.relu));
+            vstore(out1 + q * ps + i, pair(rq<FAST>(s01, L, c0), rq<FAST>(s11, L, c1), L.relu));
+        }
+    }
+}
+
+static void dw2(const LayerPlan& L, const int16_t* A, const int16_t* B, int16_t* out0, int16_t* out1, int WB, int i0,
+                int n) {
+    const int nvec = (n + NLF_VW - 1) / NLF_VW;
+    if (L.fast)
+        dw2_t<true>(L, A, B, out0, out1, WB, i0, nvec);
+    else
+        dw2_t<false>(L, A, B, out0, out1, WB, i0, nvec);
+}
+
+// Row-pair pipeline for one item (SIMD code paths, networks with P.vp). Stage s computes the row pair
+// (r, r+1), r = t + D_s, at step t (t = y0 - 2H, y0 - 2H + 2, ...); a VP stage keeps 2 slots (the pairs
+// (r-1, r) and (r+1, r+2) a depth-wise layer reads), a CP stage 1 slot of 2 rows.
+template <typename T>
+static void process_item_vp(const Plan& P, const Pic<T>& pic, Scratch& S, const Item& it, unsigned* bad) {
+    const int L = (int)P.L.size();
+    const int H = P.halo, Hq = pic.Hq, Wq = pic.Wq, WB = S.WB;
+    const size_t rowsz = (size_t)WB * 2;  // int16 elements of one pair row
+    unsigned b = 0;
+    // slot of stage s holding the pair that starts at row r (zeros if the pair is outside the picture)
+    auto slot = [&](int s, int r) -> int16_t* {
+        if (r + 1 < 0 || r >= Hq) return S.zero;
+        int16_t* base = S.stage[s];
+        if (!P.dw_input(s)) return base;
+        const int k = ((r - (it.y0 - P.D(s))) >> 1) & 1;
+        return base + (size_t)k * 2 * P.pairs(s) * rowsz;
+    };
+    for (int t = it.y0 - 2 * H; t < it.y1; t += 2) {
+        for (int s = 0; s <= L; ++s) {
+            const int D = P.D(s);
+            const int r = t + D;
+            if (r < it.y0 - D || r >= it.y1 + D) continue;  // not needed by this item
+            if (r + 1 < 0 || r >= Hq) continue;              // outside the picture: slot() gives zeros
+            int16_t* out = slot(s, r);
+            const int xs = it.x0 - D, xe = it.x1 + D;
+            const int xorg = xs - nlf::LM;
+            const int np = P.pairs(s);
+            const bool valid0 = r >= 0, valid1 = r + 1 < Hq;
+            if (s == 0) {  // always CP (the first layer is point-wise)
+                const int xa = std::max(0, xs), xb = std::min(Wq, xe);
+                if (xb > xa) {
+                    if (valid0) b |= input_row(P, pic, r, xa, xb, out, WB, xa - xorg);
+                    if (valid1) b |= input_row(P, pic, r + 1, xa, xb, out + np * rowsz, WB, xa - xorg);
+                }
+            } else {
+                const LayerPlan& Ly = P.L[s - 1];
+                if (Ly.kind == NLF_LAYER_PW) {
+                    const int16_t* in = slot(s - 1, r);
+                    const size_t inrow = (size_t)P.pairs(s - 1) * rowsz;
+                    if (P.dw_input(s)) {
+                        pw2_vp(Ly, in, in + inrow, out, WB, nlf::LM, xe - xs, valid0, valid1);
+                    } else {
+                        pw_row(Ly, in, out, WB, nlf::LM, xe - xs);
+                        pw_row(Ly, in + inrow, out + np * rowsz, WB, nlf::LM, xe - xs);
+                    }
+                } else {  // depth-wise: output is CP (P.vp excludes depth-wise after depth-wise)
+                    dw2(Ly, slot(s - 1, r - 1), slot(s - 1, r + 1), out, out + np * rowsz, WB, nlf::LM, xe - xs);
+                }
+            }
+            if (P.dw_input(s) && (xorg < 0 || xorg + WB > Wq)) zero_outside(out, 2 * np, WB, xorg, Wq);
+            if (s == L) {
+                if (r >= it.y0 && r < it.y1) output_row(P, pic, r, it.x0, it.x1, out, WB, nlf::LM);
+                if (valid1 && r + 1 >= it.y0 && r + 1 < it.y1)
+                    output_row(P, pic, r + 1, it.x0, it.x1, out + np * rowsz, WB, nlf::LM);
+            }
+        }
+    }
+    *bad |= b;
+}
+
+#endif  // NLF_VW > 1
+
+// ---------------------------------------------------------------------------------- pipeline
+// Process one item: rows [y0, y1) x columns [x0, x1) of the packed output. Stage s keeps its rows in
+// a ring whose index LM holds column x0 - D_s (the first column it computes), so every stage starts
+// on a 64-byte boundary.
+template <typename T>
+static void process_item(const Plan& P, const Pic<T>& pic, Scratch& S, const Item& it, unsigned* bad) {
+    const int L = (int)P.L.size();
+    const int H = P.halo, Hq = pic.Hq, Wq = pic.Wq, WB = S.WB;
+    unsigned b = 0;
+    for (int t = it.y0 - 2 * H; t < it.y1; ++t) {
+        for (int s = 0; s <= L; ++s) {
+            const int D = P.D(s);
+            const int r = t + D;
+            if (r < std::max(0, it.y0 - D) || r >= std::min(Hq, it.y1 + D)) continue;
+            int16_t* out = S.row(P, s, r, Hq);
+            const int xs = it.x0 - D, xe = it.x1 + D;  // columns this stage computes
+            const int xorg = xs - nlf::LM;               // column at ring index 0
+            if (s == 0) {
+                const int xa = std::max(0, xs), xb = std::min(Wq, xe);
+                if (xb > xa) b |= input_row(P, pic, r, xa, xb, out, WB, xa - xorg);
+            } else {
+                const LayerPlan& Ly = P.L[s - 1];
+                if (Ly.kind == NLF_LAYER_PW) {
+                    pw_row(Ly, S.row(P, s - 1, r, Hq), out, WB, nlf::LM, xe - xs);
+                } else {
+                    const int16_t* rows[3] = {S.row(P, s - 1, r - 1, Hq), S.row(P, s - 1, r, Hq),
+                                              S.row(P, s - 1, r + 1, Hq)};
+                    dw_row(Ly, rows, out, WB, nlf::LM, xe - xs);
+                }
+            }
+            if (s < L && P.L[s].kind == NLF_LAYER_DW && (xorg < 0 || xorg + WB > Wq))
+                zero_outside(out, P.pairs(s), WB, xorg, Wq);
+            if (s == L && r >= it.y0 && r < it.y1) output_row(P, pic, r, it.x0, it.x1, out, WB, nlf::LM);
+        }
+    }
+    *bad |= b;
+}
+
+template <typename T>
+static void process_any(const Plan& P, const Pic<T>& pic, Scratch& S, const Item& it, unsigned* bad) {
+#if NLF_VW > 1
+    if (P.vp && !nlf::g_force_rowwise) return process_item_vp(P, pic, S, it, bad);
+#endif
+    process_item(P, pic, S, it, bad);
+}
+
+static void process_item_u8(const Plan& P, const void* pic, Scratch& S, const Item& it, unsigned* bad) {
+    process_any(P, *static_cast<const Pic<uint8_t>*>(pic), S, it, bad);
+}
+static void process_item_u16(const Plan& P, const void* pic, Scratch& S, const Item& it, unsigned* bad) {
+    process_any(P, *static_cast<const Pic<uint16_t>*>(pic), S, it, bad);
+}
+
+#endif  // NLF_ISA_PASS

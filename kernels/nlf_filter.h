@@ -1,0 +1,119 @@
+/*
+ * nlf_filter.h — plain C ABI of the hevc-nlf filter kernels (CPU: filter_cpu.cpp, CUDA: filter_cuda.cu).
+ *
+ * The kernels compute exactly what hevc_ext/reference.py defines (the integer filter of one channel
+ * group of one picture): pad right/bottom by edge replication to a multiple of the packing, pack,
+ * centre, run the layers in integer arithmetic (int32 accumulators, 64-bit requantisation, zero
+ * padding at every depth-wise layer), unpack, add, clip. Results are bit-identical to the reference.
+ *
+ * No C++ types cross this boundary (no torch, no pybind): the Python side loads the shared libraries
+ * with ctypes. All functions are thread-safe; the filter functions may be called concurrently.
+ *
+ * Memory: the CPU function takes host pointers. The CUDA function takes host pointers when
+ * nlf_planes.memory == NLF_MEMORY_HOST (it copies to the device and back) or device pointers when
+ * nlf_planes.memory == NLF_MEMORY_DEVICE (no copies; the caller owns the buffers).
+ * Sources and destinations must not overlap (no in-place filtering).
+ */
+#ifndef NLF_FILTER_H
+#define NLF_FILTER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define NLF_API __declspec(dllexport)
+#else
+#define NLF_API __attribute__((visibility("default")))
+#endif
+
+#define NLF_ABI_VERSION 1
+
+/* Layer kinds (IntLayer.kind). */
+#define NLF_LAYER_PW 0 /* 1x1 point-wise: weight[cout][cin] */
+#define NLF_LAYER_DW 1 /* 3x3 depth-wise: weight[cout][3][3], cin == cout */
+
+/* Error codes (0 = success). nlf_strerror() names them; nlf_last_error() gives the detail of the
+ * last failure on the calling thread. */
+#define NLF_OK 0
+#define NLF_ERR_ARG (-1)       /* null pointer, bad size, stride, bit depth or sample width */
+#define NLF_ERR_NETWORK (-2)   /* the network is inconsistent or outside the validated ranges */
+#define NLF_ERR_RANGE (-3)     /* a sample is >= 2^bitdepth (the output is then unspecified) */
+#define NLF_ERR_NOMEM (-4)     /* allocation failed */
+#define NLF_ERR_ISA (-5)       /* the requested instruction set is not available on this CPU */
+#define NLF_ERR_NODEVICE (-6)  /* no CUDA device */
+#define NLF_ERR_CUDA (-7)      /* a CUDA runtime call failed (detail in nlf_last_error) */
+#define NLF_ERR_UNSUPPORTED (-8) /* valid network this kernel cannot run (e.g. too large for shared memory) */
+#define NLF_ERR_INTERNAL (-9)
+
+/* CPU instruction sets (nlf_cpu_filter's isa argument). */
+#define NLF_ISA_AUTO (-1)
+#define NLF_ISA_SCALAR 0
+#define NLF_ISA_AVX2 1
+#define NLF_ISA_AVX512 2 /* AVX-512 F/BW/DQ/VL + VNNI */
+
+#define NLF_MEMORY_HOST 0
+#define NLF_MEMORY_DEVICE 1
+
+/* One layer: the integers of reference.IntLayer. Arrays are C-contiguous and only read. */
+typedef struct nlf_layer {
+    int32_t kind;          /* NLF_LAYER_PW or NLF_LAYER_DW */
+    int32_t cin, cout;     /* input / output channels */
+    int32_t relu;          /* 1: clamp to [0, 32767] (hidden layers); 0: clamp to [-32768, 32767] */
+    const int32_t *weight; /* pw: cout*cin, dw: cout*9 */
+    const int64_t *mult;   /* cout, each in [0, 2^31 - 1] */
+    const int64_t *bias;   /* cout, each |bias| <= 2^52 */
+    const int64_t *shift;  /* cout, each in [0, 62] */
+} nlf_layer;
+
+/* A network of one channel group (reference.IntNetwork). */
+typedef struct nlf_network {
+    int32_t planes;  /* 1 (Y) or 2 (U and V) */
+    int32_t ph, pw;  /* pixel packing, each 1 or 2 */
+    int32_t nlayers; /* >= 1 */
+    const nlf_layer *layers;
+} nlf_network;
+
+/* The planes of one channel group of one picture. All planes have the same size. */
+typedef struct nlf_planes {
+    int32_t height, width; /* samples, >= 1 */
+    int32_t bitdepth;      /* 8..16 */
+    int32_t sample_bytes;  /* 1 (uint8_t samples, bitdepth 8) or 2 (uint16_t samples) */
+    int32_t memory;        /* NLF_MEMORY_HOST or NLF_MEMORY_DEVICE (CUDA only) */
+    int32_t reserved;
+    const void *src[2];       /* planes[0..planes-1] */
+    void *dst[2];
+    ptrdiff_t src_stride[2];  /* in samples (not bytes), >= width */
+    ptrdiff_t dst_stride[2];
+} nlf_planes;
+
+/* ABI version of the library (NLF_ABI_VERSION it was built with). */
+NLF_API int32_t nlf_abi_version(void);
+/* Static name of an error code. */
+NLF_API const char *nlf_strerror(int32_t code);
+/* Detail of the last error on the calling thread ("" if none). */
+NLF_API const char *nlf_last_error(void);
+
+/* --- CPU (filter_cpu.cpp) ------------------------------------------------------------------ */
+/* Best instruction set available on this CPU (NLF_ISA_*). */
+NLF_API int32_t nlf_cpu_best_isa(void);
+/* Whether an instruction set is compiled in and supported by this CPU. */
+NLF_API int32_t nlf_cpu_isa_supported(int32_t isa);
+/* Filter one channel group. threads <= 0: all hardware threads. isa: NLF_ISA_AUTO or a forced one. */
+NLF_API int32_t nlf_cpu_filter(const nlf_network *net, const nlf_planes *planes, int32_t threads,
+                               int32_t isa);
+
+/* --- CUDA (filter_cuda.cu) ----------------------------------------------------------------- */
+/* Number of usable CUDA devices (0 if none or no driver); negative NLF_ERR_* on runtime failure. */
+NLF_API int32_t nlf_cuda_device_count(void);
+/* Filter one channel group on the current CUDA device (one kernel launch; synchronous). */
+NLF_API int32_t nlf_cuda_filter(const nlf_network *net, const nlf_planes *planes);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NLF_FILTER_H */

@@ -1,0 +1,437 @@
+"""The fast kernels against the definition (reference.filter_planes), and the loader's behaviour.
+
+Every comparison is exact (np.array_equal on the output samples, same dtype). CUDA cases run only
+where the NVIDIA driver reports a device; elsewhere they are skipped (pytest.skip), but the CUDA
+kernel's tiling and indexing are still checked on the host when nvcc is present (test marked slow:
+the first run builds the CUDA library, later runs find it in the cache).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hevc_ext import kernels, reference
+from hevc_ext.arch import ALL_PACKINGS, Architecture, Group, Packing
+from hevc_ext.errors import KernelError, NlfError, UsageError
+from hevc_ext.reference import IntLayer, IntNetwork
+
+HAVE_CPU = bool(kernels.cpu_isas())
+HAVE_GPU = kernels.cuda_driver_device_count() > 0
+
+
+def _kernel(name: str) -> kernels.Kernel:
+    if name == "cuda" and not HAVE_GPU:
+        pytest.skip("no CUDA device")
+    if name == "cpu" and not HAVE_CPU:
+        pytest.skip("C++ kernel not built")
+    return kernels.get_kernel(name, threads=2)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def kernel(request: pytest.FixtureRequest) -> kernels.Kernel:
+    return _kernel(request.param)
+
+
+def _planes(rng: np.random.Generator, group: Group, shape: tuple[int, int], bitdepth: int,
+            dtype: type | None = None) -> list[np.ndarray]:
+    dt = dtype or (np.uint8 if bitdepth == 8 else np.uint16)
+    return [rng.integers(0, 1 << bitdepth, size=shape).astype(dt) for _ in range(group.planes)]
+
+
+def _assert_same(kern: kernels.Kernel, planes: list[np.ndarray], net: IntNetwork, bitdepth: int) -> None:
+    want = reference.filter_planes(planes, net, bitdepth)
+    got = kern.filter_planes(planes, net, bitdepth)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        if not np.array_equal(g, w):
+            bad = np.argwhere(g != w)
+            y, x = bad[0]
+            raise AssertionError(f"{len(bad)} samples differ, first at {(y, x)}: {g[y, x]} != {w[y, x]}")
+
+
+# ---------------------------------------------------------------------------------- networks
+def _extreme_network(rng: np.random.Generator, group: Group, packing: Packing, arch: Architecture,
+                     mode: str) -> IntNetwork:
+    """Valid networks that live at the edges: saturating clamps, shifts > 32 (the general 64-bit path),
+    shift 0, zero multipliers, full-range weights. Always passes validate()."""
+    layers = []
+    for i, s in enumerate(arch.shapes(group, packing)):
+        taps = s.cin if s.kind == "pw" else 9
+        amax = 1 << 15 if i == 0 else reference.ACT_MAX
+        if mode == "wide":  # weights as large as the 32-bit accumulator bound allows
+            wmax = min(reference.MAX_ABS_WEIGHT, ((1 << 31) - 1) // (amax * taps))
+        else:
+            wmax = 127
+        w = rng.choice([-wmax, wmax, 0, 1, -1], size=s.weight_shape).astype(np.int32)
+        acc_max = int(np.abs(w.astype(np.int64)).reshape(s.cout, -1).sum(axis=1).max()) * amax
+        cout = s.cout
+        if mode == "saturate":  # gain ~2^-5 on accumulators ~2^23: both clamps, varying with the input
+            shift = rng.integers(14, 33, size=cout)
+            mult = (np.int64(1) << (shift - 5)) + rng.integers(0, 1 << 8, size=cout)
+            bias = rng.integers(-(1 << 13), 1 << 13, size=cout) << shift
+        elif mode == "general":  # shifts above 32 never take the high-dword form
+            shift = rng.integers(33, reference.MAX_SHIFT + 1, size=cout)
+            mult = rng.integers(1 << 24, reference.MAX_MULT, size=cout, endpoint=True)
+            bias = rng.integers(-reference.MAX_ABS_BIAS, reference.MAX_ABS_BIAS, size=cout, endpoint=True)
+        elif mode == "shift0":
+            shift = np.zeros(cout, np.int64)
+            mult = rng.integers(0, 4, size=cout)
+            bias = rng.integers(-40000, 40000, size=cout)
+        else:  # "wide" and "mixed": per channel any of the above, and some zero multipliers
+            shift = rng.integers(0, reference.MAX_SHIFT + 1, size=cout)
+            mult = rng.integers(0, reference.MAX_MULT, size=cout, endpoint=True)
+            mult[rng.random(cout) < 0.2] = 0
+            bias = rng.integers(-(1 << 40), 1 << 40, size=cout)
+        mult = mult.astype(np.int64)
+        bias = bias.astype(np.int64)
+        # keep t = acc*mult + bias below 2^62 (validate's bound)
+        limit = ((1 << 62) - 1 - int(np.abs(bias).max())) // max(acc_max, 1)
+        mult = np.minimum(mult, limit).astype(np.int64)
+        layers.append(IntLayer(s.kind, w, mult, bias, shift.astype(np.int64), s.relu))
+    net = IntNetwork(group, packing, tuple(layers))
+    net.validate()
+    return net
+
+
+def _custom_network(rng: np.random.Generator, group: Group, packing: Packing) -> IntNetwork:
+    """Not an Architecture: depth-wise first, two point-wise layers in a row, odd channel counts."""
+    c0 = group.planes * packing.size
+    spec = [("dw", c0, c0), ("pw", c0, 7), ("pw", 7, 5), ("dw", 5, 5), ("dw", 5, 5), ("pw", 5, c0)]
+    layers = []
+    for i, (kind, cin, cout) in enumerate(spec):
+        shape = (cout, cin) if kind == "pw" else (cout, 3, 3)
+        last = i == len(spec) - 1
+        w = rng.integers(-127, 128, size=shape).astype(np.int32)
+        mult = rng.integers(1 << 6, 1 << 8, size=cout).astype(np.int64)
+        shift = np.full(cout, 14 if not last else 20, np.int64)
+        bias = rng.integers(-(1 << 20), 1 << 20, size=cout).astype(np.int64)
+        layers.append(IntLayer(kind, w, mult, bias, shift, not last))
+    net = IntNetwork(group, packing, tuple(layers))
+    net.validate()
+    return net
+
+
+SIZES = [(1, 1), (1, 7), (2, 2), (3, 5), (5, 3), (16, 16), (17, 33), (23, 140)]
+
+
+# ------------------------------------------------------------------------------- bit-exactness
+@pytest.mark.parametrize("group", [Group.Y, Group.UV], ids=lambda g: g.name)
+@pytest.mark.parametrize("packing", ALL_PACKINGS, ids=str)
+@pytest.mark.parametrize("bitdepth", [8, 10])
+def test_random_networks_all_packings(kernel: kernels.Kernel, group: Group, packing: Packing, bitdepth: int) -> None:
+    for seed in range(3):
+        rng = np.random.default_rng(1000 * seed + 7)
+        net = reference.random_network(rng, group, packing)
+        for shape in SIZES:
+            _assert_same(kernel, _planes(rng, group, shape, bitdepth), net, bitdepth)
+
+
+@pytest.mark.parametrize("arch", [Architecture(3, 12), Architecture(7, 12), Architecture(5, 6), Architecture(5, 16),
+                                  Architecture(3, 1), Architecture(9, 32)], ids=lambda a: f"{a.layers}x{a.filters}")
+@pytest.mark.parametrize("group", [Group.Y, Group.UV], ids=lambda g: g.name)
+def test_non_default_architectures(kernel: kernels.Kernel, arch: Architecture, group: Group) -> None:
+    rng = np.random.default_rng(arch.layers * 100 + arch.filters)
+    for packing in ALL_PACKINGS:
+        net = reference.random_network(rng, group, packing, arch)
+        for shape, bd in (((19, 37), 8), ((6, 9), 10)):
+            _assert_same(kernel, _planes(rng, group, shape, bd), net, bd)
+
+
+@pytest.mark.parametrize("mode", ["saturate", "general", "shift0", "wide", "mixed"])
+@pytest.mark.parametrize("group", [Group.Y, Group.UV], ids=lambda g: g.name)
+def test_extreme_networks(kernel: kernels.Kernel, mode: str, group: Group) -> None:
+    rng = np.random.default_rng(hash(mode) % 1000)
+    for packing, arch in ((Packing(1, 1), Architecture()), (Packing(2, 2), Architecture(3, 12)),
+                          (Packing(1, 2), Architecture(5, 16))):
+        net = _extreme_network(rng, group, packing, arch, mode)
+        for bd, shape in ((8, (21, 34)), (10, (9, 17)), (16, (12, 20))):
+            planes = _planes(rng, group, shape, bd)
+            planes[0][0, :] = (1 << bd) - 1  # extreme samples
+            planes[-1][-1, :] = 0
+            _assert_same(kernel, planes, net, bd)
+
+
+def _single_layer_network(rng: np.random.Generator, group: Group, packing: Packing) -> IntNetwork:
+    """One point-wise layer with a large gain: residuals beyond ±32768 of both signs."""
+    c0 = group.planes * packing.size
+    w = rng.integers(-127, 128, size=(c0, c0)).astype(np.int32)
+    mult = rng.integers(1 << 20, 1 << 22, size=c0).astype(np.int64)
+    shift = np.full(c0, 9, np.int64)
+    bias = rng.integers(-(1 << 20), 1 << 20, size=c0).astype(np.int64)
+    net = IntNetwork(group, packing, (IntLayer("pw", w, mult, bias, shift, False),))
+    net.validate()
+    return net
+
+
+def test_single_layer_network_hits_every_clamp(kernel: kernels.Kernel) -> None:
+    rng = np.random.default_rng(3)
+    for group in (Group.Y, Group.UV):
+        for packing in ALL_PACKINGS:
+            net = _single_layer_network(rng, group, packing)
+            planes = _planes(rng, group, (15, 22), 10)
+            packed = reference.pad_and_pack(planes, packing)
+            res = reference.residual_packed(packed, net, 10)
+            assert res.min() == reference.RES_MIN and res.max() == reference.RES_MAX
+            out = np.concatenate([p.ravel() for p in reference.filter_planes(planes, net, 10)])
+            assert out.min() == 0 and out.max() == 1023
+            _assert_same(kernel, planes, net, 10)
+
+
+@pytest.mark.parametrize("group", [Group.Y, Group.UV], ids=lambda g: g.name)
+def test_custom_layer_sequence(kernel: kernels.Kernel, group: Group) -> None:
+    rng = np.random.default_rng(11)
+    for packing in ALL_PACKINGS:
+        net = _custom_network(rng, group, packing)
+        for shape in ((1, 1), (13, 29), (40, 7)):
+            _assert_same(kernel, _planes(rng, group, shape, 8), net, 8)
+
+
+def test_wide_picture_many_strips_and_bands(kernel: kernels.Kernel) -> None:
+    """Wider than one column strip (126 packed columns) and tall enough for several row bands."""
+    rng = np.random.default_rng(5)
+    for group, packing in ((Group.Y, Packing(1, 1)), (Group.UV, Packing(2, 1)), (Group.Y, Packing(1, 2))):
+        net = reference.random_network(rng, group, packing)
+        _assert_same(kernel, _planes(rng, group, (75, 301), 8), net, 8)
+
+
+def test_bitdepths_and_containers(kernel: kernels.Kernel) -> None:
+    rng = np.random.default_rng(8)
+    net = reference.random_network(rng, Group.UV, Packing(1, 2))
+    for bd in (8, 9, 12, 16):
+        _assert_same(kernel, _planes(rng, Group.UV, (18, 27), bd, np.uint16), net, bd)
+
+
+def test_strided_and_non_contiguous_planes(kernel: kernels.Kernel) -> None:
+    rng = np.random.default_rng(9)
+    net = reference.random_network(rng, Group.UV, Packing(2, 2))
+    big = [rng.integers(0, 256, size=(50, 90)).astype(np.uint8) for _ in range(2)]
+    views = [b[3:40, 5:70] for b in big]  # row stride != width
+    _assert_same(kernel, views, net, 8)
+    cols = [b[:, ::3] for b in big]  # column stride != 1: copied
+    _assert_same(kernel, cols, net, 8)
+    assert all(v.base is not None for v in views)  # the inputs are untouched views
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(h=st.integers(1, 40), w=st.integers(1, 60), pk=st.sampled_from(ALL_PACKINGS),
+       uv=st.booleans(), seed=st.integers(0, 2**32 - 1), bd=st.sampled_from([8, 10]))
+def test_property_any_size(h: int, w: int, pk: Packing, uv: bool, seed: int, bd: int) -> None:
+    if not HAVE_CPU:
+        pytest.skip("C++ kernel not built")
+    group = Group.UV if uv else Group.Y
+    rng = np.random.default_rng(seed)
+    net = reference.random_network(rng, group, pk, Architecture(3 + 2 * (seed % 3), 4 + seed % 9))
+    _assert_same(kernels.get_kernel("cpu", threads=2), _planes(rng, group, (h, w), bd), net, bd)
+
+
+# ------------------------------------------------------------------- CPU code paths and threads
+@pytest.mark.parametrize("isa", kernels.CPU_ISAS)
+def test_every_cpu_code_path(isa: str) -> None:
+    if isa not in kernels.cpu_isas():
+        pytest.skip(f"{isa} not available here")
+    k = kernels.cpu_kernel(threads=2, isa=isa)
+    assert k.isa_name == isa
+    rng = np.random.default_rng(21)
+    for group in (Group.Y, Group.UV):
+        for packing in ALL_PACKINGS:
+            net = reference.random_network(rng, group, packing)
+            _assert_same(k, _planes(rng, group, (21, 45), 10), net, 10)
+        for mode in ("general", "mixed"):
+            net = _extreme_network(rng, group, Packing(1, 2), Architecture(), mode)
+            _assert_same(k, _planes(rng, group, (13, 40), 8), net, 8)
+
+
+def test_thread_counts_agree() -> None:
+    if not HAVE_CPU:
+        pytest.skip("C++ kernel not built")
+    rng = np.random.default_rng(4)
+    net = reference.random_network(rng, Group.Y, Packing(1, 1))
+    planes = _planes(rng, Group.Y, (130, 400), 8)
+    outs = [kernels.get_kernel("cpu", threads=t).filter_planes(planes, net, 8)[0] for t in (1, 2, 3, 7)]
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
+    assert np.array_equal(outs[0], reference.filter_planes(planes, net, 8)[0])
+
+
+# ------------------------------------------------------------------------------------ errors
+def test_argument_errors(kernel: kernels.Kernel) -> None:
+    rng = np.random.default_rng(0)
+    net = reference.random_network(rng, Group.UV, Packing(1, 1))
+    u, v = _planes(rng, Group.UV, (8, 8), 8)
+    with pytest.raises(UsageError, match="takes 2 planes"):
+        kernel.filter_planes([u], net, 8)
+    with pytest.raises(UsageError, match="one shape"):
+        kernel.filter_planes([u, v[:4]], net, 8)
+    with pytest.raises(UsageError, match="bit depth"):
+        kernel.filter_planes([u, v], net, 10)
+    with pytest.raises(UsageError):
+        kernel.filter_planes([u.astype(np.float32), v.astype(np.float32)], net, 8)
+    assert issubclass(UsageError, ValueError)
+
+
+def test_samples_out_of_range_are_a_kernel_error(kernel: kernels.Kernel) -> None:
+    rng = np.random.default_rng(1)
+    net = reference.random_network(rng, Group.Y, Packing(1, 1))
+    (y,) = _planes(rng, Group.Y, (8, 8), 10)
+    y[3, 3] = 1024
+    with pytest.raises(KernelError, match="out of range|>= 2\\^10"):
+        kernel.filter_planes([y], net, 10)
+
+
+def test_invalid_network_is_a_kernel_error(kernel: kernels.Kernel) -> None:
+    rng = np.random.default_rng(2)
+    net = reference.random_network(rng, Group.Y, Packing(2, 2))
+    big = replace(net.layers[2], weight=np.full_like(net.layers[2].weight, reference.MAX_ABS_WEIGHT))
+    bad = IntNetwork(net.group, net.packing, net.layers[:2] + (big,) + net.layers[3:])
+    (y,) = _planes(rng, Group.Y, (8, 8), 8)
+    with pytest.raises(KernelError, match="accumulator"):
+        kernel.filter_planes([y], bad, 8)
+    assert issubclass(KernelError, NlfError) and issubclass(KernelError, RuntimeError)
+
+
+# ------------------------------------------------------------------------------------ loader
+@pytest.fixture
+def isolated_loader(monkeypatch: pytest.MonkeyPatch, tmp_path):  # type: ignore[no-untyped-def]
+    """A loader that has forgotten its libraries, with an empty cache and no overrides."""
+    monkeypatch.setenv("HEVC_NLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HEVC_NLF_CPU_LIB", raising=False)
+    monkeypatch.delenv("HEVC_NLF_CUDA_LIB", raising=False)
+    kernels._reset_for_tests()
+    yield monkeypatch
+    kernels._reset_for_tests()
+
+
+def test_auto_does_not_build_cuda_without_a_device(isolated_loader: pytest.MonkeyPatch) -> None:
+    """Building is decided by nvcc (at install); *using* CUDA needs a device, so on a machine without
+    one ``auto`` neither builds nor loads the CUDA kernel."""
+    if kernels.cuda_driver_device_count():
+        pytest.skip("this machine has a CUDA device")
+    calls = []
+    isolated_loader.setattr(kernels, "_compile", lambda *a, **k: calls.append(a))
+    k = kernels.get_kernel("auto")
+    assert k.name in ("cpu", "reference") and not calls
+    assert "no CUDA device" in str(kernels.kernel_report()["kernels"]["cuda"]["reason"])  # type: ignore[index]
+
+
+def test_reference_kernel_and_unknown_names() -> None:
+    assert kernels.get_kernel("reference").name == "reference"
+    with pytest.raises(UsageError, match="unknown kernel"):
+        kernels.get_kernel("fpga")
+    with pytest.raises(UsageError):
+        kernels.get_kernel("cpu", threads=0)
+    with pytest.raises(UsageError):
+        kernels.cpu_kernel(isa="neon")
+
+
+def test_no_nvcc_means_no_cuda(isolated_loader: pytest.MonkeyPatch) -> None:
+    isolated_loader.setattr(kernels, "find_nvcc", lambda: None)
+    real = kernels.prebuilt_library  # no install-time CUDA build either (pip builds it where nvcc exists)
+    isolated_loader.setattr(kernels, "prebuilt_library",
+                            lambda stem, env: None if stem == "_nlf_cuda" else real(stem, env))
+    with pytest.raises(KernelError, match="nvcc not found"):
+        kernels.get_kernel("cuda")
+    if HAVE_CPU:
+        assert kernels.get_kernel("auto").name == "cpu"
+        report = kernels.kernel_report()
+        assert report["active"] == "cpu"
+        assert report["kernels"]["cuda"]["available"] is False  # type: ignore[index]
+        assert "nvcc" in report["kernels"]["cuda"]["reason"]  # type: ignore[index]
+        assert report["kernels"]["reference"]["available"] is True  # type: ignore[index]
+
+
+def test_auto_falls_back_to_reference_with_a_warning(isolated_loader: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    isolated_loader.setattr(kernels, "find_nvcc", lambda: None)
+    isolated_loader.setattr(kernels, "_prebuilt_cpu", lambda: None)
+    isolated_loader.setattr(kernels, "_find_cxx", lambda: None)
+    with pytest.raises(KernelError, match="C\\+\\+ kernel unavailable.*compiler"):
+        kernels.get_kernel("cpu")
+    with caplog.at_level(logging.WARNING, logger="hevc_ext.kernels"):
+        k = kernels.get_kernel("auto")
+    assert k.name == "reference"
+    assert any("numpy reference" in r.getMessage() for r in caplog.records)
+    report = kernels.kernel_report()
+    assert report["active"] == "reference"
+    assert report["kernels"]["cpu"]["available"] is False  # type: ignore[index]
+
+
+def test_cpu_kernel_built_at_first_use(isolated_loader: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    if kernels._find_cxx() is None or kernels.kernel_sources() is None:
+        pytest.skip("no C++ compiler or kernel sources")
+    isolated_loader.setattr(kernels, "_prebuilt_cpu", lambda: None)
+    isolated_loader.setattr(kernels, "CPU_FLAGS", ("-O1",) + kernels.CPU_FLAGS[1:])  # a quicker build
+    k = kernels.get_kernel("cpu")
+    assert k.path.parent == tmp_path / "cache" and k.path.is_file()  # type: ignore[attr-defined]
+    rng = np.random.default_rng(6)
+    net = reference.random_network(rng, Group.Y, Packing(1, 2))
+    _assert_same(k, _planes(rng, Group.Y, (9, 11), 8), net, 8)
+
+
+def test_compiler_failure_is_reported(isolated_loader: pytest.MonkeyPatch) -> None:
+    if kernels.kernel_sources() is None:
+        pytest.skip("no kernel sources")
+    isolated_loader.setattr(kernels, "_prebuilt_cpu", lambda: None)
+    isolated_loader.setattr(kernels, "_find_cxx", lambda: "/bin/false")
+    with pytest.raises(KernelError, match="compiler failed"):
+        kernels.get_kernel("cpu")
+
+
+def test_wrong_library_is_a_kernel_error(isolated_loader: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    not_a_lib = tmp_path / "libnothing.so"
+    not_a_lib.write_bytes(b"\x7fELF garbage")
+    isolated_loader.setenv("HEVC_NLF_CUDA_LIB", str(not_a_lib))
+    with pytest.raises(KernelError, match="cannot load"):
+        kernels.get_kernel("cuda")
+    if HAVE_CPU:  # a real library without the CUDA entry points
+        kernels._reset_for_tests()
+        isolated_loader.setenv("HEVC_NLF_CUDA_LIB", str(kernels.get_kernel("cpu").path))  # type: ignore[attr-defined]
+        kernels._reset_for_tests()
+        with pytest.raises(KernelError, match="not a kernel library"):
+            kernels.get_kernel("cuda")
+
+
+def test_cuda_without_device_is_refused_not_crashed() -> None:
+    if HAVE_GPU:
+        pytest.skip("a CUDA device is present")
+    if kernels.find_nvcc() is None:
+        pytest.skip("nvcc not present")
+    if not any(kernels.cache_dir().glob("libnlf_cuda-*.so")):
+        pytest.skip("CUDA library not built yet (see test_cuda_kernel_logic_on_host)")
+    with pytest.raises(KernelError, match="no CUDA device"):
+        kernels.get_kernel("cuda")
+
+
+@pytest.mark.slow
+def test_cuda_kernel_logic_on_host() -> None:
+    """The CUDA kernel's segment code run on the host (block by block, thread by thread): checks its
+    tiling, halos and indexing without a GPU. Builds the CUDA library with nvcc if not cached."""
+    if kernels.find_nvcc() is None or kernels.kernel_sources() is None:
+        pytest.skip("nvcc not present")
+    rng = np.random.default_rng(12)
+    cases = [(Group.Y, Packing(1, 1), Architecture(), (37, 70), 8),
+             (Group.UV, Packing(2, 2), Architecture(3, 6), (17, 65), 10),
+             (Group.Y, Packing(1, 2), Architecture(7, 16), (20, 33), 8),
+             (Group.UV, Packing(2, 1), Architecture(5, 32), (5, 3), 16),
+             (Group.Y, Packing(2, 2), Architecture(3, 4), (1, 1), 8)]
+    for group, packing, arch, shape, bd in cases:
+        net = reference.random_network(rng, group, packing, arch)
+        planes = _planes(rng, group, shape, bd)
+        got = kernels.cuda_check_host(planes, net, bd)
+        for g, w in zip(got, reference.filter_planes(planes, net, bd)):
+            assert np.array_equal(g, w)
+    net = _custom_network(rng, Group.UV, Packing(1, 2))
+    planes = _planes(rng, Group.UV, (19, 41), 8)
+    for g, w in zip(kernels.cuda_check_host(planes, net, 8), reference.filter_planes(planes, net, 8)):
+        assert np.array_equal(g, w)
+    for mode in ("general", "mixed", "saturate"):
+        net = _extreme_network(rng, Group.Y, Packing(1, 1), Architecture(), mode)
+        planes = _planes(rng, Group.Y, (18, 40), 10)
+        for g, w in zip(kernels.cuda_check_host(planes, net, 10), reference.filter_planes(planes, net, 10)):
+            assert np.array_equal(g, w)
