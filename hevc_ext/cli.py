@@ -97,6 +97,8 @@ def _add_filter_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--uv-layers", type=_positive_int, default=None, help="layers of the chroma network")
     g.add_argument("--uv-filters", type=_positive_int, default=None, help="filters of the chroma network")
     g.add_argument("--iterations", type=_nonneg_int, default=None, help="training steps per network (default 600)")
+    g.add_argument("--finetune-iterations", type=_nonneg_int, default=None,
+                   help="low delay: steps when starting from the previous GoP's network (default 200)")
     g.add_argument("--batch", type=_positive_int, default=None, help="patches per batch (default 64)")
     g.add_argument("--patch", type=_positive_int, default=None, help="patch size (default 48)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.02)")
@@ -134,8 +136,8 @@ def _encoder_config(args: argparse.Namespace) -> Any:
     from .sidecar import HashType
 
     coding = CodingConfig(args.mode, args.qp, args.intra_period, args.frames)
-    train_kw = {k: getattr(args, k) for k in ("iterations", "batch", "patch", "lr", "seed")
-                if getattr(args, k) is not None}
+    train_kw = {k: getattr(args, k) for k in ("iterations", "finetune_iterations", "batch", "patch", "lr", "seed")
+                if getattr(args, k, None) is not None}
     if args.threads:
         train_kw["threads"] = args.threads
     from .train import TrainConfig

