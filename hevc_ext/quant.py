@@ -321,24 +321,26 @@ def derive(q: QuantizedNetwork, bitdepth: int) -> IntNetwork:
 
 
 def _apply_float_layer(layer: FloatLayer, x: np.ndarray) -> np.ndarray:
-    """Pre-activation of one float layer (zero padding for the depth-wise layers)."""
+    """Pre-activation of one float layer (zero padding for the depth-wise layers), in x's precision."""
     c, h, w = x.shape
+    wt = layer.weight.astype(x.dtype)
     if layer.kind == "pw":
-        y = (layer.weight @ x.reshape(c, -1)).reshape(-1, h, w)
+        y = (wt @ x.reshape(c, -1)).reshape(-1, h, w)
     else:
         pad = np.pad(x, ((0, 0), (1, 1), (1, 1)))
         y = np.zeros_like(x)
         for ky in range(3):
             for kx in range(3):
-                y += layer.weight[:, ky, kx][:, None, None] * pad[:, ky:ky + h, kx:kx + w]
-    return y + layer.bias[:, None, None]
+                y += wt[:, ky, kx][:, None, None] * pad[:, ky:ky + h, kx:kx + w]
+    return y + layer.bias.astype(x.dtype)[:, None, None]
 
 
-def _packed_input(planes: Sequence[np.ndarray], packing: Packing, bitdepth: int) -> np.ndarray:
+def _packed_input(planes: Sequence[np.ndarray], packing: Packing, bitdepth: int,
+                  dtype: type = np.float64) -> np.ndarray:
     from .reference import pad_and_pack
 
-    packed = pad_and_pack(planes, packing).astype(np.float64)
-    return (packed - (1 << (bitdepth - 1))) / (1 << (bitdepth - 1))
+    packed = pad_and_pack(planes, packing).astype(dtype)
+    return (packed - (1 << (bitdepth - 1))) / dtype(1 << (bitdepth - 1))
 
 
 def _float_layers(net: FloatNetwork, planes: Sequence[np.ndarray], bitdepth: int) -> Iterator[np.ndarray]:
@@ -350,25 +352,47 @@ def _float_layers(net: FloatNetwork, planes: Sequence[np.ndarray], bitdepth: int
         yield x
 
 
-def correct_biases(net: FloatNetwork, q: QuantizedNetwork, crops: Sequence[Sequence[np.ndarray]],
+class Calibration:
+    """The float network's activations on decoded crops (float32), computed once per trained network:
+    the activation ranges that size the fixed-point positions, and the reference pre-activations that
+    bias correction matches."""
+
+    def __init__(self, net: FloatNetwork, crops: Sequence[Sequence[np.ndarray]], bitdepth: int) -> None:
+        self.net, self.bitdepth = net, bitdepth
+        self.inputs = [_packed_input(c, net.packing, bitdepth, np.float32) for c in crops]
+        self.pre: list[list[np.ndarray]] = []
+        x = self.inputs
+        for layer in net.layers:
+            z = [_apply_float_layer(layer, xi) for xi in x]
+            self.pre.append(z)
+            x = [np.maximum(zi, 0) if layer.relu else zi for zi in z]
+        #: per hidden layer, the largest output activation of each channel
+        self.act_max = [np.max([zi.reshape(zi.shape[0], -1).max(axis=1) for zi in z], axis=0).clip(min=0)
+                        for z in self.pre[:-1]] if crops else [np.zeros(layer.weight.shape[0])
+                                                                 for layer in net.layers[:-1]]
+
+
+def correct_biases(net: FloatNetwork, q: QuantizedNetwork, calib: "Calibration | Sequence[Sequence[np.ndarray]]",
                    bitdepth: int, keep_steps: bool = False) -> QuantizedNetwork:
     """Empirical bias correction: layer by layer, add to the quantized bias the mean difference between
     the float network's pre-activations and the quantized network's (fed with its own quantized
     activations), then quantize that bias again. Removes the offsets that weight quantization causes
-    when it meets activations with a large mean (which batch-norm folding produces). With
-    ``keep_steps`` the bias steps stay as they are (anchored low-delay updates)."""
-    if not crops:
+    when it meets activations with a large mean (which batch-norm folding produces). ``calib``: a
+    :class:`Calibration` of ``net`` (or decoded crops to make one). With ``keep_steps`` the bias steps
+    stay as they are (anchored low-delay updates)."""
+    if not isinstance(calib, Calibration):
+        calib = Calibration(net, calib, bitdepth)
+    if not calib.inputs:
         return q
     config = q.config
     deq = dequantize(q)
-    xs_f = [_packed_input(c, net.packing, bitdepth) for c in crops]
-    xs_q = [x.copy() for x in xs_f]
+    xs_q = calib.inputs
     layers = list(q.layers)
     for i, (lf, lq) in enumerate(zip(net.layers, deq.layers)):
-        zf = [_apply_float_layer(lf, x) for x in xs_f]
+        zf = calib.pre[i]
         zq = [_apply_float_layer(lq, x) for x in xs_q]
         count = sum(z[0].size for z in zf)
-        delta = sum((a - b).reshape(a.shape[0], -1).sum(axis=1) for a, b in zip(zf, zq)) / count
+        delta = sum((a - b).reshape(a.shape[0], -1).sum(axis=1, dtype=np.float64) for a, b in zip(zf, zq)) / count
         bias = lq.bias + delta
         bmax = float(np.abs(bias).max(initial=0.0))
         if keep_steps:
@@ -381,10 +405,8 @@ def correct_biases(net: FloatNetwork, q: QuantizedNetwork, crops: Sequence[Seque
             bsig, bexp, bq = layers[i].b_sig, layers[i].b_exp, np.zeros_like(layers[i].bias)
         old = layers[i]
         layers[i] = QLayer(old.weight, old.w_sig, old.w_exp, bq, int(bsig), int(bexp), old.act_exp)
-        new_b = bq * (bsig * 2.0 ** (-bexp))
-        lq2 = FloatLayer(lq.kind, lq.weight, new_b, lq.relu)
-        zq = [_apply_float_layer(lq2, x) for x in xs_q]
-        xs_f = [np.maximum(z, 0) if lf.relu else z for z in zf]
+        new_b = (bq * (bsig * 2.0 ** (-bexp))).astype(np.float32)
+        zq = [z + (new_b - lq.bias.astype(np.float32))[:, None, None] for z in zq]
         xs_q = [np.maximum(z, 0) if lf.relu else z for z in zq]
     return QuantizedNetwork(q.group, q.packing, q.arch, q.config, tuple(layers))
 
@@ -403,9 +425,4 @@ def activation_maxima(net: FloatNetwork, crops: Sequence[Sequence[np.ndarray]],
                       bitdepth: int) -> list[np.ndarray]:
     """Per hidden layer, the largest output activation of each channel over ``crops`` (lists of the
     group's planes)."""
-    maxima = [np.zeros(layer.weight.shape[0]) for layer in net.layers[:-1]]
-    for planes in crops:
-        for i, act in enumerate(_float_layers(net, planes, bitdepth)):
-            if i < len(maxima):
-                maxima[i] = np.maximum(maxima[i], act.reshape(act.shape[0], -1).max(axis=1))
-    return maxima
+    return Calibration(net, crops, bitdepth).act_max

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .arch import Architecture, Group, Packing
 from .errors import UsageError
 from .model import NlfNet, code_length_regulariser, export, normalised_weights, pack, unpack
-from .quant import FloatNetwork, activation_maxima
+from .quant import Calibration, FloatNetwork
 
 log = logging.getLogger("hevc_ext.train")
 
@@ -112,7 +112,7 @@ class TrainResult:
     act_max: list[float]
     l1: float
     losses: list[float]
-    calibration: list[list[np.ndarray]] = field(default_factory=list)  # decoded crops for quantization
+    calibration: Calibration | None = None  # float activations on decoded crops, for quantization
     seconds: float = 0.0
 
     def normalised(self) -> list[torch.Tensor]:
@@ -156,10 +156,11 @@ def train(data: SegmentData, arch: Architecture, packing: Packing, cfg: TrainCon
         net = NlfNet(arch, data.group, packing, cfg.bn_gamma)
     net.train()
     l1 = data.l1()
-    scale = 1.0 / l1 if l1 > 0 else 1.0
-    mid = float(1 << (data.bitdepth - 1))
+    scale = np.float32(1.0 / l1 if l1 > 0 else 1.0)
+    mid = np.float32(1 << (data.bitdepth - 1))
     low_delay = previous is not None
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=0.0 if low_delay else cfg.weight_decay)
+    params = list(net.parameters())
+    opt = Adam(params, weight_decay=0.0 if low_delay else cfg.weight_decay)
     patch = patch_shape(data, cfg.patch, packing)
     zl = cfg.zero_lines
     zl_h = zl + (-zl) % packing.ph
@@ -170,17 +171,18 @@ def train(data: SegmentData, arch: Architecture, packing: Packing, cfg: TrainCon
 
     # the C++ engine (hevc_ext.trainkernel) computes the data term's forward/backward; None: torch
     engine = select_engine(cfg.engine, net, cfg.threads or torch.get_num_threads()) if cfg.iterations else None
-    params = list(net.parameters())
+    # Batches are prepared in numpy, into a buffer whose zero lines stay zero (torch's threaded element-
+    # wise ops on such small tensors cost more than the whole engine step on a busy machine).
+    xb = np.zeros((cfg.batch, g, patch[0] + zl_h, patch[1] + zl_w), np.float32)
+    inner = xb[..., : patch[0], : patch[1]]
     for step in range(cfg.iterations):
-        for pg in opt.param_groups:
-            pg["lr"] = _lr_at(step, cfg)
         inp, res = data.sample(rng, cfg.batch, patch, packing)
-        x = torch.from_numpy(inp).float().sub_(mid).div_(mid)
-        target = torch.from_numpy(res).float().mul_(scale)
-        if zl:
-            x = F.pad(x, (0, zl_w, 0, zl_h))
+        np.subtract(inp, mid, out=inner, casting="unsafe")
+        inner /= mid
+        target = res.astype(np.float32)
+        target *= scale
         if engine is not None:
-            data_loss = engine.forward_backward(x.numpy(), target.numpy())  # overwrites every .grad
+            data_loss = engine.forward_backward(xb, target)  # overwrites every .grad
             if low_delay and cfg.code_reg:
                 reg = cfg.code_reg * code_length_regulariser(net.folded_weights(), previous)
                 grads = torch.autograd.grad(reg, params, allow_unused=True)
@@ -188,31 +190,62 @@ def train(data: SegmentData, arch: Architecture, packing: Packing, cfg: TrainCon
                     for p, gr in zip(params, grads):
                         if gr is not None:
                             p.grad.add_(gr)
-            opt.step()
-            losses.append(data_loss)
-            if progress is not None and (step + 1) % 25 == 0:
-                progress(step + 1, cfg.iterations)
-            continue
-        y = unpack(net(pack(x, packing)), g, packing)[..., : patch[0], : patch[1]]
-        loss = F.mse_loss(y, target)
-        total = loss
-        if low_delay and cfg.code_reg:
-            total = loss + cfg.code_reg * code_length_regulariser(net.folded_weights(), previous)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        else:
+            x = torch.from_numpy(xb)
+            y = unpack(net(pack(x, packing)), g, packing)[..., : patch[0], : patch[1]]
+            loss = F.mse_loss(y, torch.from_numpy(target))
+            total = loss
+            if low_delay and cfg.code_reg:
+                total = loss + cfg.code_reg * code_length_regulariser(net.folded_weights(), previous)
+            for p in params:
+                p.grad = None
+            total.backward()
+            data_loss = float(loss.detach())
+        opt.step(_lr_at(step, cfg))
+        losses.append(data_loss)
         if progress is not None and (step + 1) % 25 == 0:
             progress(step + 1, cfg.iterations)
     net.eval()
     float_net = export(net, l1 if l1 > 0 else 1.0)
-    crops = calibration_crops(data, rng)
-    act_max = activation_maxima(float_net, crops, data.bitdepth)
-    return TrainResult(net, float_net, act_max, l1, losses, crops, time.perf_counter() - start)
+    calib = Calibration(float_net, calibration_crops(data, rng), data.bitdepth)
+    return TrainResult(net, float_net, calib.act_max, l1, losses, calib, time.perf_counter() - start)
+
+
+class Adam:
+    """Adam (Kingma & Ba) with L2 weight decay, exactly as torch.optim.Adam computes it, in numpy on the
+    parameters' memory: the networks are tiny, and torch's optimizer costs more than it computes here
+    (its first use alone imports torch._dynamo)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        self.params = list(params)
+        self.values = [p.detach().numpy() for p in self.params]  # views: updates land in the tensors
+        self.m = [np.zeros_like(v) for v in self.values]
+        self.v = [np.zeros_like(v) for v in self.values]
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.t = 0
+
+    def step(self, lr: float) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        bc1 = 1.0 - b1 ** self.t
+        bc2_sqrt = math.sqrt(1.0 - b2 ** self.t)
+        for p, value, m, v in zip(self.params, self.values, self.m, self.v):
+            if p.grad is None:
+                continue
+            grad = p.grad.numpy()
+            if self.weight_decay:
+                grad = grad + np.float32(self.weight_decay) * value
+            m *= np.float32(b1)
+            m += np.float32(1.0 - b1) * grad
+            v *= np.float32(b2)
+            v += np.float32(1.0 - b2) * grad * grad
+            denom = np.sqrt(v) / np.float32(bc2_sqrt) + np.float32(self.eps)
+            value -= np.float32(lr / bc1) * m / denom
 
 
 def calibration_crops(data: SegmentData, rng: np.random.Generator, frames: int = 8,
-                      size: int = 256) -> list[list[np.ndarray]]:
+                      size: int = 128) -> list[list[np.ndarray]]:
     """Decoded crops to measure activation ranges on (up to ``frames`` pictures, ``size``² samples)."""
     h, w = data.shape
     idx = np.linspace(0, len(data.recon) - 1, min(frames, len(data.recon))).round().astype(int)

@@ -233,7 +233,7 @@ def test_train_uses_engine_and_matches_torch():
             for r in recon]
     data = SegmentData(Group.Y, orig, recon, 8)
     arch = Architecture(5, 8)
-    cfg = TrainConfig(iterations=6, batch=4, patch=16, threads=1)
+    cfg = TrainConfig(iterations=6, batch=4, patch=16, threads=1, finetune_iterations=None, finetune_lr=None)
     base = train(data, arch, Packing(1, 1), TrainConfig(iterations=3, batch=4, patch=16, threads=1,
                                                          engine="torch"))
     previous = [w.detach().clone() for w in normalised_weights(base.net.folded_weights())]
