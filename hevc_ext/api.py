@@ -91,7 +91,7 @@ class Encoder:
         from .gop import split
         from .hevcdec import pixel_format
         from .kernels import get_kernel
-        from .pipeline import EncoderConfig, _GroupState, hm_lambda
+        from .pipeline import EncoderConfig, _GroupState
         from .train import TrainConfig
 
         self.config = config if config is not None else EncoderConfig()
@@ -105,7 +105,7 @@ class Encoder:
         self._low_delay = coding.mode in ("ldb", "ldp")
         self._tcfg = self.config.train if self.config.train is not None else TrainConfig()
         self._kernel = get_kernel(self.config.kernel)
-        self._lam = hm_lambda(coding.qp, fmt.bitdepth) * self.config.lambda_scale
+        self._frame_bits: dict[int, int] = {}  # display index -> coded bits, for the RD decisions
         self._progress = progress
         self._states = {Group.Y: _GroupState(), Group.UV: _GroupState()}
         cc = av.CodecContext.create("libx265", "w")
@@ -183,6 +183,7 @@ class Encoder:
             self._packets_in += 1
             seg = p.pts // self._size
             self._first_au.setdefault(seg, dts)
+            self._frame_bits[int(p.pts)] = self._frame_bits.get(int(p.pts), 0) + 8 * len(data)
             self._pending.append([data, int(p.pts), dts, bool(p.is_keyframe)])
             self._reconstruct(data)
 
@@ -222,8 +223,10 @@ class Encoder:
             seg = Segment(s, start, end - start)
             units = []
             for group in (Group.Y, Group.UV):
+                # mean bits per picture of everything coded so far (the whole sequence is not known yet)
+                bits_per_frame = sum(self._frame_bits.values()) / max(1, len(self._frame_bits))
                 decision, rec = _encode_group(self._src, self._recon, seg, group, self.fmt, self.config, self._tcfg,
-                                              self._kernel, self._lam, self._states[group], self._low_delay,
+                                              self._kernel, bits_per_frame, self._states[group], self._low_delay,
                                               self._progress, "?")  # type: ignore[arg-type]
                 units.append(frame_unit(UNIT_RECORD, record_payload(rec, self.config.hash_type, self._refs[group])))
                 if rec.type in (RecordType.NEW, RecordType.NEW_DIFF):

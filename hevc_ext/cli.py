@@ -108,7 +108,11 @@ def _add_filter_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hash", choices=("md5", "crc32", "none"), default="md5",
                    help="hash of the filtered pictures carried by each record (default: %(default)s)")
     g.add_argument("--no-filter", action="store_true", help="encode only: every record 'off' (anchor runs)")
-    g.add_argument("--lambda-scale", type=float, default=1.0, help="scale of the RD multiplier (default 1)")
+    g.add_argument("--lambda-scale", type=float, default=1.0,
+                   help="price of side bits in the encoder's decisions relative to BD-consistent (default 1)")
+    g.add_argument("--rd-slope", type=float, default=4.5, metavar="DB",
+                   help="the backend's RD slope in dB per doubling of the rate, which converts PSNR gains "
+                        "into bits for the decisions (default: %(default)s)")
     g.add_argument("--threads", type=_nonneg_int, default=0, help="torch threads for training (0: torch default)")
 
 
@@ -157,7 +161,8 @@ def _encoder_config(args: argparse.Namespace) -> Any:
         arch_uv=Architecture(args.uv_layers or args.layers, args.uv_filters or args.filters),
         packing=parse_packing(args.pack), packing_uv=parse_packing(args.pack_uv) if args.pack_uv else None,
         train=tcfg, quant_candidates=quant, hash_type=HashType[args.hash.upper()], kernel=args.kernel,
-        lambda_scale=args.lambda_scale, filter_enabled=not args.no_filter, keep_tmp=args.keep_tmp,
+        lambda_scale=args.lambda_scale, rd_slope_db=args.rd_slope, filter_enabled=not args.no_filter,
+        keep_tmp=args.keep_tmp,
         embed=getattr(args, "embed", False))
 
 

@@ -42,10 +42,11 @@ DEFAULT_QUANT_CANDIDATES = (
     QuantConfig(weight_bits=6, bias_bits=8, scale_bits=4),
     QuantConfig(weight_bits=5, bias_bits=8, scale_bits=2),
     QuantConfig(weight_bits=4, bias_bits=8, scale_bits=2),
+    QuantConfig(weight_bits=3, bias_bits=8, scale_bits=2),
 )
-#: training is skipped when even a cheap network (this many bits per parameter) would cost more, at
-#: the RD multiplier, than this fraction of the segment's distortion — a gain no network here reaches
-#: (the best measured chroma gains remove ~20 % of the SSE)
+#: training is skipped when even a cheap network (this many bits per parameter) could only pay for
+#: itself by removing more than this fraction of the SSE — a gain no network here reaches (the best
+#: measured chroma gains remove ~20 % of the SSE)
 SKIP_BITS_PER_PARAM = 3.0
 SKIP_SSE_FRACTION = 0.25
 
@@ -69,10 +70,18 @@ def parse_packing(text: str) -> str | Packing:
     return Packing.parse(text)
 
 
-def hm_lambda(qp: int, bitdepth: int) -> float:
-    """Lagrange multiplier (SSE per bit) of HM's mode decisions at this QP: 0.57·2^((QP−12)/3), scaled
-    to the bit depth."""
-    return 0.57 * 2.0 ** ((qp - 12) / 3.0) * 4.0 ** (bitdepth - 8)
+def bits_per_relative_sse(bits_per_frame: float, rd_slope_db: float) -> float:
+    """What removing all of one picture's SSE in a plane would be worth in bits, to that plane's
+    BD-rate.
+
+    A sequence's PSNR is the mean of its pictures' PSNRs (HM), and along the backend's own RD curve
+    doubling the rate gains ``rd_slope_db`` dB. Lowering a picture's SSE D by ΔD raises its PSNR by
+    ≈ (10/ln 10)·ΔD/D dB, and thus the sequence's by 1/N of that — worth the same as
+    ``(10·ln 2 / (rd_slope_db·ln 10)) · R̄ · ΔD/D`` bits, where R̄ is the mean number of bits per picture
+    of the whole sequence (not of the picture: an intra picture's gain counts as much as a B picture's).
+    The encoder signals a network when that value, summed over the pictures it filters and averaged
+    over its planes, exceeds the network's real size: decisions consistent with per-channel BD-rates."""
+    return 10.0 * math.log(2.0) / (rd_slope_db * math.log(10.0)) * bits_per_frame
 
 
 @dataclass(frozen=True)
@@ -88,12 +97,21 @@ class EncoderConfig:
     quant_candidates: tuple[QuantConfig, ...] = DEFAULT_QUANT_CANDIDATES
     hash_type: HashType = HashType.MD5
     kernel: str = "auto"
-    lambda_scale: float = 1.0
+    lambda_scale: float = 1.0  # multiplies the price of side bits in the decisions (1: BD-consistent)
+    rd_slope_db: float = 4.5  # the backend's RD slope, dB per doubling of the rate (see bits_per_relative_sse)
     reuse_factor: float = 1.1  # low delay: new parameters only if their gain exceeds 110 % of reuse
     filter_enabled: bool = True
     keep_tmp: bool = False
     embed: bool = False  # side stream as SEI NAL units inside BASE.hevc instead of BASE.nlf (docs/sei.md)
     backend_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.lambda_scale < 0:
+            raise UsageError(f"lambda scale must be >= 0, got {self.lambda_scale}")
+        if not self.rd_slope_db > 0:
+            raise UsageError(f"RD slope must be positive (dB per doubling of the rate), got {self.rd_slope_db}")
+        if not self.reuse_factor >= 1:
+            raise UsageError(f"reuse factor must be >= 1, got {self.reuse_factor}")
 
     def arch(self, group: Group) -> Architecture:
         return self.arch_y if group is Group.Y else self.arch_uv
@@ -271,7 +289,6 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
         result = backend.encode(src, coding, workdir, backend_progress)
         recon = result.recon
         segments = split(n, coding.mode, coding.intra_period, config.ld_gop)
-        lam = hm_lambda(coding.qp, fmt.bitdepth) * config.lambda_scale
         header = StreamHeader(fmt.width, fmt.height, fmt.bitdepth, n, fmt.fps, coding.mode, config.arch_y,
                               config.arch_uv, config.hash_type, picture_crc(recon[0].planes))
         records: list[Record] = []
@@ -279,10 +296,11 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
         states = {Group.Y: _GroupState(), Group.UV: _GroupState()}
         low_delay = coding.mode in ("ldb", "ldp")
         train_seconds = 0.0
+        bits_per_frame = sum(result.frame_bits) / n
         for seg in segments:
             decisions[seg.index] = {}
             for group in (Group.Y, Group.UV):
-                dec, rec = _encode_group(src, recon, seg, group, fmt, config, tcfg, kernel, lam,
+                dec, rec = _encode_group(src, recon, seg, group, fmt, config, tcfg, kernel, bits_per_frame,
                                          states[group], low_delay, progress, len(segments))
                 records.append(rec)
                 decisions[seg.index][group] = dec
@@ -316,7 +334,7 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
 
 
 def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Group, fmt: VideoFormat,
-                  config: EncoderConfig, tcfg: Any, kernel: Any, lam: float, state: _GroupState,
+                  config: EncoderConfig, tcfg: Any, kernel: Any, bits_per_frame: float, state: _GroupState,
                   low_delay: bool, progress: ProgressFn | None, n_segments: int) -> tuple[GroupDecision, Record]:
     from .train import SegmentData, train
 
@@ -337,11 +355,13 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
     trained: dict[Packing, Any] = {}
     train_seconds = 0.0
     before = sum(sum(f) for f in measure.before)
+    free_bits = config.lambda_scale == 0  # side bits cost nothing: the largest SSE reduction wins
+    worth = 0.0 if free_bits else bits_per_relative_sse(bits_per_frame, config.rd_slope_db) / config.lambda_scale
     cheapest = min(config.arch(group).parameter_count(group, p) for p in config.packings(group, fmt.width, fmt.height))
-    hopeless = lam * SKIP_BITS_PER_PARAM * cheapest > SKIP_SSE_FRACTION * before
+    hopeless = not free_bits and SKIP_BITS_PER_PARAM * cheapest > SKIP_SSE_FRACTION * worth * seg.count
     if hopeless:
-        log.info("%s: not trained: %d side bits at λ=%.1f outweigh %d%% of the SSE %d", label,
-                 SKIP_BITS_PER_PARAM * cheapest, lam, 100 * SKIP_SSE_FRACTION, before)
+        log.info("%s: not trained: a network of ~%d bits would need to remove more than %d%% of the SSE to "
+                 "pay for itself", label, SKIP_BITS_PER_PARAM * cheapest, 100 * SKIP_SSE_FRACTION)
     if config.filter_enabled and not hopeless:
         data = SegmentData(group, [_group_planes(src[i], group) for i in seg.frames],
                            [_group_planes(recon[i], group) for i in seg.frames], fmt.bitdepth)
@@ -357,20 +377,20 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
                        previous=prev.normalised() if prev else None, progress=train_progress)
             train_seconds += tr.seconds
             trained[packing] = tr
-            from .quant import correct_biases, quantize, quantize_anchored
+            from .quant import quantize, quantize_anchored, refine
 
             qcfgs = list(config.quant_candidates)
             ref = state.reference if low_delay else None
             if ref is not None and ref.packing == packing and ref.config not in qcfgs:
                 qcfgs.append(ref.config)
-            qnets = [(correct_biases(tr.float_net, quantize(tr.float_net, config.arch(group), qc, tr.act_max),
-                                     tr.calibration, fmt.bitdepth), (RecordType.NEW, RecordType.NEW_DIFF), "")
-                     for qc in qcfgs]
+            # GPTQ rounding + bias correction on the calibration crops (quant.refine)
+            qnets = [(refine(tr.float_net, quantize(tr.float_net, config.arch(group), qc, tr.act_max), tr.calibration),
+                      (RecordType.NEW, RecordType.NEW_DIFF), "") for qc in qcfgs]
             if ref is not None and ref.packing == packing:
-                # low delay: the update quantized with the reference's steps, so that only the integers
-                # of weights that moved change and difference coding is cheap
-                anchored = correct_biases(tr.float_net, quantize_anchored(tr.float_net, ref), tr.calibration,
-                                          fmt.bitdepth, keep_steps=True)
+                # low delay: the update quantized with the reference's steps and plain rounding, so that
+                # only the integers of weights that moved change and difference coding is cheap
+                anchored = refine(tr.float_net, quantize_anchored(tr.float_net, ref), tr.calibration,
+                                  keep_steps=True, rounding=False)
                 qnets.append((anchored, (RecordType.NEW_DIFF,), " anchored"))
             for qnet, rtypes, tag in qnets:
                 qc = qnet.config
@@ -388,7 +408,13 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
                                             f"s{qc.scale_bits}{tag}"))
 
     def cost(c: _Candidate) -> float:
-        return c.total_sse + lam * 8 * c.payload_bytes
+        """Side bits minus what the SSE reduction is worth in bits (mean over the group's planes)."""
+        # Σ over pictures of the relative SSE reduction, averaged over the group's planes
+        gain = sum((b[p] - a[p]) / b[p] for b, a in zip(measure.before, c.sse) for p in range(group.planes)
+                   if b[p] > 0) / group.planes
+        if free_bits:
+            return -gain + 1e-12 * c.payload_bytes
+        return 8 * c.payload_bytes - worth * gain
 
     allowed = list(cands)
     reuse = next((c for c in cands if c.rtype is RecordType.REUSE), None)

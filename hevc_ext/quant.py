@@ -373,7 +373,7 @@ class Calibration:
 
 
 def correct_biases(net: FloatNetwork, q: QuantizedNetwork, calib: "Calibration | Sequence[Sequence[np.ndarray]]",
-                   bitdepth: int, keep_steps: bool = False) -> QuantizedNetwork:
+                   bitdepth: int, keep_steps: bool = False, upto: int | None = None) -> QuantizedNetwork:
     """Empirical bias correction: layer by layer, add to the quantized bias the mean difference between
     the float network's pre-activations and the quantized network's (fed with its own quantized
     activations), then quantize that bias again. Removes the offsets that weight quantization causes
@@ -389,6 +389,8 @@ def correct_biases(net: FloatNetwork, q: QuantizedNetwork, calib: "Calibration |
     xs_q = calib.inputs
     layers = list(q.layers)
     for i, (lf, lq) in enumerate(zip(net.layers, deq.layers)):
+        if upto is not None and i >= upto:
+            break
         zf = calib.pre[i]
         zq = [_apply_float_layer(lq, x) for x in xs_q]
         count = sum(z[0].size for z in zf)
@@ -409,6 +411,86 @@ def correct_biases(net: FloatNetwork, q: QuantizedNetwork, calib: "Calibration |
         zq = [z + (new_b - lq.bias.astype(np.float32))[:, None, None] for z in zq]
         xs_q = [np.maximum(z, 0) if lf.relu else z for z in zq]
     return QuantizedNetwork(q.group, q.packing, q.arch, q.config, tuple(layers))
+
+
+def _hessian_chol(x: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of the inverse of the (centred, damped) input second moment of ``x``
+    (features × samples): GPTQ's error-propagation matrix."""
+    xc = x - x.mean(axis=1, keepdims=True)
+    h = (xc @ xc.T).astype(np.float64) / max(1, x.shape[1])
+    damp = 0.01 * float(np.mean(np.diag(h))) + 1e-12
+    h[np.diag_indices_from(h)] += damp
+    try:
+        hinv = np.linalg.inv(h)
+        return np.linalg.cholesky(hinv).T
+    except np.linalg.LinAlgError:
+        return np.eye(h.shape[0])
+
+
+def _gptq_columns(w: np.ndarray, steps: np.ndarray, x: np.ndarray, wmax: int, per_row: bool) -> np.ndarray:
+    """Quantize the columns of ``w`` (rows × features) one after another, spreading each column's
+    rounding error over the columns not yet quantized so that ``w·x`` changes least (GPTQ, Frantar et
+    al. 2023). ``steps``: one per column, or one per row when ``per_row``."""
+    w = w.astype(np.float64).copy()
+    u = _hessian_chol(x)
+    out = np.zeros(w.shape, np.int64)
+    for c in range(w.shape[1]):
+        step = steps if per_row else steps[c]
+        q = np.clip(_round_half_away(w[:, c] / step), -wmax, wmax)
+        out[:, c] = q
+        err = (w[:, c] - q * step) / u[c, c]
+        w[:, c + 1:] -= np.outer(err, u[c, c + 1:])
+    return out
+
+
+def _dw_taps(x: np.ndarray, c: int) -> np.ndarray:
+    """The 9 zero-padded neighbours of channel ``c`` of ``x`` (C, h, w) as (9, h·w)."""
+    pad = np.pad(x[c], 1)
+    h, w = x.shape[1:]
+    return np.stack([pad[ky:ky + h, kx:kx + w].reshape(-1) for ky in range(3) for kx in range(3)])
+
+
+def _gptq_layer(fl: FloatLayer, ql: QLayer, xs: Sequence[np.ndarray], index: int, wmax: int) -> np.ndarray:
+    """GPTQ rounding of one layer's weights on the inputs ``xs``, keeping its steps."""
+    steps = ql.w_sig * np.power(2.0, -ql.w_exp.astype(np.float64))
+    w = np.asarray(fl.weight, np.float64)
+    if fl.kind == "pw":
+        x = np.concatenate([a.reshape(a.shape[0], -1) for a in xs], axis=1)
+        q = _gptq_columns(w, steps, x, wmax, per_row=scale_axis(index) == "out")
+        return q.astype(np.int32)
+    out = np.zeros(w.shape, np.int32)
+    for c in range(w.shape[0]):
+        x = np.concatenate([_dw_taps(a, c) for a in xs], axis=1)
+        out[c] = _gptq_columns(w[c].reshape(1, 9), np.full(9, steps[c]), x, wmax, per_row=False).reshape(3, 3)
+    return out
+
+
+def refine(net: FloatNetwork, q: QuantizedNetwork, calib: Calibration, keep_steps: bool = False,
+           rounding: bool = True) -> QuantizedNetwork:
+    """Make a quantized network reproduce the float one as well as its steps allow, layer by layer on
+    the calibration crops, each layer fed with the *quantized* network's activations:
+
+    1. GPTQ rounding (``rounding``): the weights are rounded column by column with the error of each
+       column compensated by the columns not yet rounded, through the inverse of the inputs' centred
+       second moment — the integers change, the steps do not;
+    2. bias correction: the mean difference between the float and the quantized pre-activations is
+       added to the bias, which is quantized again (with its step kept when ``keep_steps``).
+    """
+    if not calib.inputs:
+        return q
+    if rounding:
+        layers = list(q.layers)
+        xs_q = calib.inputs
+        for i, (lf, ql) in enumerate(zip(net.layers, q.layers)):
+            wq = _gptq_layer(lf, ql, xs_q, i, q.config.wmax)
+            layers[i] = QLayer(wq, ql.w_sig, ql.w_exp, ql.bias, ql.b_sig, ql.b_exp, ql.act_exp)
+            q = QuantizedNetwork(q.group, q.packing, q.arch, q.config, tuple(layers))
+            q = correct_biases(net, q, calib, calib.bitdepth, keep_steps, upto=i + 1)
+            layers = list(q.layers)
+            lq = dequantize(q).layers[i]
+            xs_q = [np.maximum(z, 0) if lq.relu else z for z in (_apply_float_layer(lq, x) for x in xs_q)]
+        return q
+    return correct_biases(net, q, calib, calib.bitdepth, keep_steps)
 
 
 def float_forward(net: FloatNetwork, planes: Sequence[np.ndarray], bitdepth: int) -> list[np.ndarray]:
