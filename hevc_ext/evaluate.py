@@ -326,6 +326,7 @@ def run_job(spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
         "job_seconds": round(time.perf_counter() - t0, 3),
         "codec": d["codec"], "codec_version": d["codec_version"], "kernel": d["kernel"],
         "commands": d["commands"], "segments": segments,
+        "backend_summary": d.get("backend_summary"),
         "host": platform.node(), "hevc_nlf_version": __version__,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -20,13 +20,7 @@ loaded with ctypes; every native failure becomes a :class:`KernelError` here, th
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.machinery
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import weakref
 from dataclasses import dataclass
@@ -37,7 +31,11 @@ import numpy as np
 
 from . import reference
 from .errors import KernelError, UsageError
-from .buildflags import CPU_FLAGS, CUDA_FLAGS, CUDA_GENCODE  # noqa: F401 - shared with setup.py
+from . import nativebuild
+from .buildflags import CPU_FLAGS, CUDA_FLAGS  # shared with setup.py
+# names the loader looks up at call time (so tests can replace them here)
+from .nativebuild import cache_dir, find_nvcc, prebuilt_library  # noqa: F401 - re-exported
+from .nativebuild import find_cxx as _find_cxx
 from .reference import IntNetwork
 
 log = logging.getLogger(__name__)
@@ -295,89 +293,23 @@ class CudaKernel:
 
 
 # ------------------------------------------------------------------------------ locating / building
-def cache_dir() -> Path:
-    """Where built kernels are cached: ``$HEVC_NLF_CACHE`` or ``~/.cache/hevc-nlf``."""
-    env = os.environ.get("HEVC_NLF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "hevc-nlf"
+_SOURCES = ("filter_cpu.cpp", "filter_cuda.cu", "nlf_filter.h")
 
 
 def kernel_sources() -> Path | None:
-    """The directory holding ``filter_cpu.cpp``, ``filter_cuda.cu`` and ``nlf_filter.h``: the copy an
-    installed package ships (``hevc_ext/_kernels_src``) or the source tree's ``kernels/``."""
-    here = Path(__file__).resolve().parent
-    for d in (here / "_kernels_src", here.parent / "kernels"):
-        if (d / "nlf_filter.h").is_file():
-            return d
-    return None
-
-
-def find_nvcc() -> str | None:
-    """nvcc on PATH, else under ``$CUDA_HOME`` / ``$CUDA_PATH`` / ``/usr/local/cuda``."""
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and (Path(root) / "bin" / "nvcc").is_file():
-            return str(Path(root) / "bin" / "nvcc")
-    return None
-
-
-def _find_cxx() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _hash(parts: Sequence[bytes]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(len(p).to_bytes(8, "little"))
-        h.update(p)
-    return h.hexdigest()[:16]
-
-
-def _compile(cmd: list[str], out: Path) -> None:
-    """Run a compiler writing to a temporary name, then rename into ``out`` (safe under concurrency)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".part", dir=out.parent)
-    os.close(fd)
-    try:
-        full = cmd + ["-o", tmp]
-        log.info("building kernel: %s", " ".join(full))
-        proc = subprocess.run(full, capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip()[-2000:]
-            raise KernelError(f"compiler failed ({proc.returncode}): {' '.join(full)}\n{tail}")
-        os.replace(tmp, out)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelError(f"cannot run {cmd[0]}: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _prune(pattern: str, keep: Path, newest: int = 4) -> None:
-    """Remove old builds in the cache (other source versions), keeping the ``newest`` few."""
-    try:
-        old = sorted((p for p in keep.parent.glob(pattern) if p != keep), key=lambda p: p.stat().st_mtime)
-        for p in old[: max(0, len(old) - (newest - 1))]:
-            p.unlink()
-    except OSError:
-        pass
+    """The directory holding ``filter_cpu.cpp``, ``filter_cuda.cu`` and ``nlf_filter.h`` (see
+    :func:`hevc_ext.nativebuild.sources_dir`)."""
+    return nativebuild.sources_dir(_SOURCES)
 
 
 def _load(path: Path, bind: "Callable[[ctypes.CDLL], None]") -> ctypes.CDLL:
     """Load a kernel library and declare its functions; a missing file or symbol is a KernelError."""
-    try:
-        lib = ctypes.CDLL(str(path))
+
+    def bind_all(lib: ctypes.CDLL) -> None:
         _bind_common(lib)
         bind(lib)
-    except OSError as exc:
-        raise KernelError(f"cannot load {path}: {exc}") from exc
-    except AttributeError as exc:
-        raise KernelError(f"{path} is not a kernel library of this version: {exc}") from exc
-    return lib
+
+    return nativebuild.load_library(path, bind_all, "kernel library")
 
 
 def _bind_cpu(lib: ctypes.CDLL) -> None:
@@ -397,41 +329,17 @@ def _bind_cuda(lib: ctypes.CDLL) -> None:
         fn.argtypes = [ctypes.POINTER(_Network), ctypes.POINTER(_Planes)]
 
 
-def prebuilt_library(stem: str, env_var: str) -> Path | None:
-    """A native library built by ``pip install`` next to the package (``hevc_ext/<stem>*.so``), or the
-    path in ``$<env_var>``; None if neither exists."""
-    env = os.environ.get(env_var)
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    for suffix in (*importlib.machinery.EXTENSION_SUFFIXES, ".so"):
-        p = here / f"{stem}{suffix}"
-        if p.is_file():
-            return p
-    return None
-
-
 def _prebuilt_cpu() -> Path | None:
     return prebuilt_library("_nlf_cpu", "HEVC_NLF_CPU_LIB")
 
 
-_lock = threading.RLock()
-_cpu_state: tuple[ctypes.CDLL, Path] | KernelError | None = None
-_cuda_state: tuple[ctypes.CDLL, Path] | KernelError | None = None
+_cpu_lib = nativebuild.LazyLibrary(lambda: _load_cpu(), "C++ kernel")
+_cuda_lib = nativebuild.LazyLibrary(lambda: _load_cuda(), "CUDA kernel")
 
 
 def _cpu_library() -> tuple[ctypes.CDLL, Path]:
     """The loaded CPU library (prebuilt by pip install, else built at first use); KernelError if none."""
-    global _cpu_state
-    with _lock:
-        if _cpu_state is None:
-            try:
-                _cpu_state = _load_cpu()
-            except KernelError as exc:
-                _cpu_state = exc
-        if isinstance(_cpu_state, KernelError):
-            raise _cpu_state
-        return _cpu_state
+    return _cpu_lib.get()
 
 
 def _load_cpu() -> tuple[ctypes.CDLL, Path]:
@@ -449,29 +357,16 @@ def _load_cpu() -> tuple[ctypes.CDLL, Path]:
     if src is None or cxx is None:
         reasons.append("no kernel sources" if src is None else "no C++ compiler to build it at first use")
         raise KernelError("C++ kernel unavailable: " + "; ".join(reasons))
-    files = [src / "filter_cpu.cpp", src / "nlf_filter.h"]
-    key = _hash([f.read_bytes() for f in files] + [" ".join(CPU_FLAGS).encode(), cxx.encode()])
-    out = cache_dir() / f"libnlf_cpu-{key}.so"
-    if not out.is_file():
-        log.info("C++ kernel %s; building it into %s", reasons[0], out)
-        _compile([cxx, *CPU_FLAGS, str(files[0])], out)
-        _prune("libnlf_cpu-*.so", out)
+    log.info("C++ kernel %s; using the cached build or building it now", reasons[0])
+    out = nativebuild.build_cached("nlf_cpu", cxx, CPU_FLAGS, [src / "filter_cpu.cpp", src / "nlf_filter.h"],
+                                   "the C++ filter kernel")
     return _load(out, _bind_cpu), out
 
 
 def _cuda_library() -> tuple[ctypes.CDLL, Path]:
     """The loaded CUDA library (prebuilt, cached or built now with nvcc); KernelError if none.
     Does not look for a device: see :func:`_cuda_kernel`."""
-    global _cuda_state
-    with _lock:
-        if _cuda_state is None:
-            try:
-                _cuda_state = _load_cuda()
-            except KernelError as exc:
-                _cuda_state = exc
-        if isinstance(_cuda_state, KernelError):
-            raise _cuda_state
-        return _cuda_state
+    return _cuda_lib.get()
 
 
 def _load_cuda() -> tuple[ctypes.CDLL, Path]:
@@ -486,17 +381,11 @@ def _load_cuda() -> tuple[ctypes.CDLL, Path]:
     if src is None:
         raise KernelError("CUDA kernel unavailable: kernel sources not found")
     try:
-        version = subprocess.run([nvcc, "--version"], capture_output=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelError(f"CUDA kernel unavailable: cannot run {nvcc}: {exc}") from exc
-    files = [src / "filter_cuda.cu", src / "nlf_filter.h"]
-    key = _hash([f.read_bytes() for f in files] + [version, " ".join(CUDA_FLAGS).encode()])
-    out = cache_dir() / f"libnlf_cuda-{key}.so"
-    if not out.is_file():
-        log.warning("building the CUDA kernel with %s into %s: takes a few minutes, once per kernel source "
-                    "and nvcc version", nvcc, out)
-        _compile([nvcc, *CUDA_FLAGS, str(files[0])], out)
-        _prune("libnlf_cuda-*.so", out)
+        out = nativebuild.build_cached("nlf_cuda", nvcc, CUDA_FLAGS, [src / "filter_cuda.cu", src / "nlf_filter.h"],
+                                       "the CUDA kernel (a few minutes, once per kernel source and nvcc version)",
+                                       level=logging.WARNING)
+    except KernelError as exc:
+        raise KernelError(f"CUDA kernel unavailable: {exc}") from exc
     return _load(out, _bind_cuda), out
 
 
@@ -625,8 +514,8 @@ def kernel_report() -> dict[str, object]:
                                "path": str(k.path)}
         except KernelError as exc:
             entry: dict[str, object] = {"available": False, "reason": str(exc)}
-            if isinstance(_cuda_state, tuple):
-                entry["path"] = str(_cuda_state[1])
+            if _cuda_lib.loaded_path is not None:
+                entry["path"] = str(_cuda_lib.loaded_path)
             kernels["cuda"] = entry
     try:
         c = _cpu_kernel(None)
@@ -641,10 +530,8 @@ def kernel_report() -> dict[str, object]:
 
 def _reset_for_tests() -> None:
     """Forget loaded libraries so that the next call locates them again (tests only)."""
-    global _cpu_state, _cuda_state
-    with _lock:
-        _cpu_state = None
-        _cuda_state = None
+    _cpu_lib.reset()
+    _cuda_lib.reset()
 
 
 __all__ = ["Kernel", "ReferenceKernel", "CpuKernel", "CudaKernel", "get_kernel", "kernel_report", "cache_dir",

@@ -16,21 +16,15 @@ whether the engine can be used and why not.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.machinery
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
-import threading
 import weakref
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
+from . import nativebuild
 from .errors import KernelError, UsageError
 from .buildflags import TRAIN_FLAGS  # shared with setup.py
 
@@ -41,114 +35,6 @@ ENGINE_NAMES = ("auto", "torch", "cpu")
 ISA_AUTO = -1
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}
 _SOURCES = ("train_cpu.cpp", "nlf_train.h")
-
-# ---------------------------------------------------------------- build helpers (from kernels.py)
-try:  # the filter-kernel loader's helpers; small local versions if they are missing or change
-    from .kernels import _compile as _kcompile, _find_cxx as _kfind_cxx, _hash as _khash, cache_dir as _kcache_dir
-except Exception:  # pragma: no cover - depends on a colleague's module
-    _kcompile = _kfind_cxx = _khash = _kcache_dir = None
-
-
-def _cache_dir() -> Path:
-    if _kcache_dir is not None:
-        try:
-            return Path(_kcache_dir())
-        except Exception:  # pragma: no cover
-            pass
-    env = os.environ.get("HEVC_NLF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "hevc-nlf"
-
-
-def _find_cxx() -> str | None:
-    if _kfind_cxx is not None:
-        try:
-            return _kfind_cxx()
-        except Exception:  # pragma: no cover
-            pass
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _hash(parts: Sequence[bytes]) -> str:
-    if _khash is not None:
-        try:
-            return str(_khash(list(parts)))
-        except Exception:  # pragma: no cover
-            pass
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(len(p).to_bytes(8, "little"))
-        h.update(p)
-    return h.hexdigest()[:16]
-
-
-def _compile(cmd: list[str], out: Path) -> None:
-    """Compile to a unique temporary name, then rename atomically into ``out``."""
-    if _kcompile is not None:
-        _kcompile(cmd, out)
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)  # pragma: no cover - fallback
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".part", dir=out.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run(cmd + ["-o", tmp], capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip()[-2000:]
-            raise KernelError(f"compiler failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
-        os.replace(tmp, out)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelError(f"cannot run {cmd[0]}: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _sources() -> Path | None:
-    here = Path(__file__).resolve().parent
-    for d in (here / "_kernels_src", here.parent / "kernels"):
-        if all((d / f).is_file() for f in _SOURCES):
-            return d
-    return None
-
-
-def _compiler_version(cxx: str) -> bytes:
-    try:
-        proc = subprocess.run([cxx, "--version"], capture_output=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelError(f"cannot run {cxx}: {exc}") from exc
-    return proc.stdout + proc.stderr
-
-
-class _FileLock:
-    """An advisory lock on a file (POSIX; a no-op elsewhere) so that parallel processes build once."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def __enter__(self) -> "_FileLock":
-        try:
-            import fcntl
-
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            self._fd = None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            try:
-                import fcntl
-
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._fd)
-                self._fd = None
-
 
 # --------------------------------------------------------------------------------- C structures
 class _Layer(ctypes.Structure):
@@ -221,35 +107,11 @@ def _bind(lib: ctypes.CDLL) -> None:
 
 
 def _load(path: Path) -> ctypes.CDLL:
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        raise KernelError(f"cannot load {path}: {exc}") from exc
-    try:
-        _bind(lib)
-    except AttributeError as exc:
-        raise KernelError(f"{path} is not a training-engine library: {exc}") from exc
-    return lib
+    return nativebuild.load_library(path, _bind, "training-engine library")
 
 
 def _prebuilt() -> Path | None:
-    from .kernels import prebuilt_library
-
-    return prebuilt_library("_nlf_train", "HEVC_NLF_TRAIN_LIB")
-
-
-def library_path_for_build() -> tuple[list[str], Path]:
-    """The compiler command (without ``-o``) and the cache path it builds to; KernelError if it cannot."""
-    src = _sources()
-    if src is None:
-        raise KernelError("training engine sources (kernels/train_cpu.cpp) not found")
-    cxx = _find_cxx()
-    if cxx is None:
-        raise KernelError("no C++ compiler (set $CXX or install g++/clang++) to build the training engine")
-    files = [src / f for f in _SOURCES]
-    key = _hash([f.read_bytes() for f in files] + [" ".join(TRAIN_FLAGS).encode(), _compiler_version(cxx),
-                                                   cxx.encode()])
-    return [cxx, *TRAIN_FLAGS, str(files[0])], _cache_dir() / f"libnlf_train-{key}.so"
+    return nativebuild.prebuilt_library("_nlf_train", "HEVC_NLF_TRAIN_LIB")
 
 
 def _build_and_load() -> tuple[ctypes.CDLL, Path]:
@@ -261,48 +123,25 @@ def _build_and_load() -> tuple[ctypes.CDLL, Path]:
         except KernelError as exc:
             reasons.append(f"prebuilt {pre}: {exc}")
             log.warning("training engine: %s; building it instead", exc)
+    src = nativebuild.sources_dir(_SOURCES)
+    cxx = nativebuild.find_cxx()
+    if src is None or cxx is None:
+        reasons.append("training engine sources (kernels/train_cpu.cpp) not found" if src is None else
+                       "no C++ compiler (set $CXX or install g++/clang++) to build the training engine")
+        raise KernelError("C++ training engine unavailable: " + "; ".join(reasons))
     try:
-        cmd, out = library_path_for_build()
+        out = nativebuild.build_cached("nlf_train", cxx, TRAIN_FLAGS, [src / f for f in _SOURCES],
+                                       "the C++ training engine")
     except KernelError as exc:
         raise KernelError("C++ training engine unavailable: " + "; ".join(reasons + [str(exc)])) from exc
-    if not out.is_file():
-        with _FileLock(out.parent / "libnlf_train.lock"):  # one build at a time across processes
-            if not out.is_file():
-                log.info("building the C++ training engine into %s", out)
-                _compile(cmd, out)
-                _prune(out)
     return _load(out), out
 
 
-def _prune(keep: Path, newest: int = 4) -> None:
-    """Remove builds of older sources from the cache, keeping the ``newest`` few."""
-    try:
-        old = sorted((p for p in keep.parent.glob("libnlf_train-*.so") if p != keep), key=lambda p: p.stat().st_mtime)
-        for p in old[: max(0, len(old) - (newest - 1))]:
-            p.unlink()
-        for p in keep.parent.glob("libnlf_train-*.lock"):  # left by earlier versions of this loader
-            p.unlink()
-    except OSError:
-        pass
-
-
-_lock = threading.Lock()
-_state: tuple[ctypes.CDLL, Path] | KernelError | None = None
+_engine_lib = nativebuild.LazyLibrary(lambda: _build_and_load(), "C++ training engine")
 
 
 def _library() -> tuple[ctypes.CDLL, Path]:
-    global _state
-    with _lock:
-        if _state is None:
-            try:
-                _state = _build_and_load()
-            except KernelError as exc:
-                _state = exc
-            except Exception as exc:  # never let an unexpected failure escape as anything else
-                _state = KernelError(f"C++ training engine unavailable: {exc}")
-        if isinstance(_state, KernelError):
-            raise _state
-        return _state
+    return _engine_lib.get()
 
 
 def available() -> tuple[bool, str]:
@@ -315,9 +154,7 @@ def available() -> tuple[bool, str]:
 
 
 def _reset_for_tests() -> None:
-    global _state
-    with _lock:
-        _state = None
+    _engine_lib.reset()
 
 
 # ---------------------------------------------------------------------------------------- engine

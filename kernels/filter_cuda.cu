@@ -641,21 +641,7 @@ extern "C" {
 
 NLF_API int32_t nlf_abi_version(void) { return NLF_ABI_VERSION; }
 
-NLF_API const char* nlf_strerror(int32_t code) {
-    switch (code) {
-        case NLF_OK: return "ok";
-        case NLF_ERR_ARG: return "invalid argument";
-        case NLF_ERR_NETWORK: return "invalid network";
-        case NLF_ERR_RANGE: return "sample out of range for the bit depth";
-        case NLF_ERR_NOMEM: return "out of memory";
-        case NLF_ERR_ISA: return "instruction set not available";
-        case NLF_ERR_NODEVICE: return "no CUDA device";
-        case NLF_ERR_CUDA: return "CUDA error";
-        case NLF_ERR_UNSUPPORTED: return "network not supported by this kernel";
-        case NLF_ERR_INTERNAL: return "internal error";
-        default: return "unknown error";
-    }
-}
+NLF_API const char* nlf_strerror(int32_t code) { return nlf_error_text(code); }
 
 NLF_API const char* nlf_last_error(void) { return nlfcu::g_err; }
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hevc_ext.catalog import (CLASSES, CatalogEntry, SequenceInfo, class_for_size, find_sequences,
+from hevc_ext.catalog import (CatalogEntry, SequenceInfo, class_for_size, find_sequences,
                               load_catalog)
 from hevc_ext.errors import InputFormatError, TruncatedInputError, UsageError
 from hevc_ext.yuv import VideoFormat, y4m_header

@@ -317,7 +317,7 @@ def test_e2e_cli_encode_with_hm(real_hm, tmp_path, capsys, mode):
     s = rep["backend_summary"]
     assert rep["codec"] == "hm" and rep["codec_version"] == f"HM-{s['hm_version']}"
     assert s["cfg"].endswith(hm_mod.CFG_FILES[(mode, 8)]) and s["level"] == "1"
-    assert any("TAppEncoderStatic" in c and f"-q 32" in c for c in rep["commands"])
+    assert any("TAppEncoderStatic" in c and "-q 32" in c for c in rep["commands"])
     # rate: HM's per-picture bits (display order) add up to the file; no SEI in the CTC configurations
     assert sum(rep["per_frame"]["hevc_bits"]) == 8 * rep["hevc_bytes"]
     assert s["hm_picture_bits"] == 8 * rep["hevc_bytes"] and s["ours_minus_hm"]["bits_not_in_hm_pictures"] == 0

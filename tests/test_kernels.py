@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hevc_ext import kernels, reference
+from hevc_ext import kernels, nativebuild, reference
 from hevc_ext.arch import ALL_PACKINGS, Architecture, Group, Packing
 from hevc_ext.errors import KernelError, NlfError, UsageError
 from hevc_ext.reference import IntLayer, IntNetwork
@@ -314,7 +314,7 @@ def test_auto_does_not_build_cuda_without_a_device(isolated_loader: pytest.Monke
     if kernels.cuda_driver_device_count():
         pytest.skip("this machine has a CUDA device")
     calls = []
-    isolated_loader.setattr(kernels, "_compile", lambda *a, **k: calls.append(a))
+    isolated_loader.setattr(nativebuild, "compile_library", lambda *a, **k: calls.append(a))
     k = kernels.get_kernel("auto")
     assert k.name in ("cpu", "reference") and not calls
     assert "no CUDA device" in str(kernels.kernel_report()["kernels"]["cuda"]["reason"])  # type: ignore[index]

@@ -6,14 +6,13 @@ import hashlib
 import io
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hevc_ext.backends import CodingConfig
 from hevc_ext.cli import main
-from hevc_ext.errors import MismatchError, SideStreamError, UsageError
+from hevc_ext.errors import MismatchError, SideStreamError
 from hevc_ext.hevcdec import decode_frames
 from hevc_ext.metrics import PsnrAccumulator
 from hevc_ext.pipeline import EncoderConfig, decode, encode, read_side_stream
