@@ -86,6 +86,8 @@ def _add_input_format(p: argparse.ArgumentParser) -> None:
 
 
 def _add_filter_options(p: argparse.ArgumentParser) -> None:
+    from .pipeline import EncoderConfig  # for the defaults in the help texts
+
     g = p.add_argument_group("filter")
     g.add_argument("--pack", default="default", metavar="P",
                    help="luma pixel packing: default (paper: 2x2 for >=2560x1600, 1x2 for 1080p, else 1x1), "
@@ -110,9 +112,9 @@ def _add_filter_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-filter", action="store_true", help="encode only: every record 'off' (anchor runs)")
     g.add_argument("--lambda-scale", type=float, default=1.0,
                    help="price of side bits in the encoder's decisions relative to BD-consistent (default 1)")
-    g.add_argument("--rd-slope", type=float, default=4.5, metavar="DB",
+    g.add_argument("--rd-slope", type=float, default=None, metavar="DB",
                    help="the backend's RD slope in dB per doubling of the rate, which converts PSNR gains "
-                        "into bits for the decisions (default: %(default)s)")
+                        f"into bits for the decisions (default: {EncoderConfig.rd_slope_db})")
     g.add_argument("--threads", type=_nonneg_int, default=0, help="torch threads for training (0: torch default)")
 
 
@@ -161,7 +163,8 @@ def _encoder_config(args: argparse.Namespace) -> Any:
         arch_uv=Architecture(args.uv_layers or args.layers, args.uv_filters or args.filters),
         packing=parse_packing(args.pack), packing_uv=parse_packing(args.pack_uv) if args.pack_uv else None,
         train=tcfg, quant_candidates=quant, hash_type=HashType[args.hash.upper()], kernel=args.kernel,
-        lambda_scale=args.lambda_scale, rd_slope_db=args.rd_slope, filter_enabled=not args.no_filter,
+        lambda_scale=args.lambda_scale, filter_enabled=not args.no_filter,
+        **({"rd_slope_db": args.rd_slope} if args.rd_slope is not None else {}),
         keep_tmp=args.keep_tmp,
         embed=getattr(args, "embed", False))
 

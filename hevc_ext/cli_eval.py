@@ -129,9 +129,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = ev.EvalSettings(
         codec=args.codec, intra_period=args.intra_period, ld_gop=args.gop, pack=args.pack, pack_uv=args.pack_uv,
         layers=args.layers, filters=args.filters, uv_layers=args.uv_layers, uv_filters=args.uv_filters,
-        iterations=args.iterations, batch=args.batch, patch=args.patch, lr=args.lr, seed=args.seed,
+        iterations=args.iterations, finetune_iterations=args.finetune_iterations, batch=args.batch,
+        patch=args.patch, lr=args.lr, seed=args.seed,
         weight_bits=args.weight_bits, hash=args.hash, lambda_scale=args.lambda_scale,
-        filter_enabled=not args.no_filter)
+        rd_slope=args.rd_slope, filter_enabled=not args.no_filter)
     specs, notes = ev.plan_jobs(seqs, modes, qps, settings, frames=args.frames, kernel=args.kernel,
                                 threads=args.threads, measure_decode=not args.no_decode_timing,
                                 decode_repeats=args.decode_repeats)

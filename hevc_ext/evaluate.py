@@ -74,6 +74,14 @@ _CLASS_ORDER = ("A", "B", "C", "D", "E", "F")
 
 
 # =========================================================================================== job specs
+#: Settings added after SPEC_VERSION 1 whose unset value (None) means what the encoder did before.
+_LATER_SETTINGS = ("finetune_iterations", "rd_slope")
+#: Training defaults (TrainConfig's; repeated here so that planning needs no torch) and the cost of one
+#: training step in samples, for scheduling and the ETA.
+DEFAULT_ITERATIONS = 600
+DEFAULT_FINETUNE_ITERATIONS = 200
+STEP_COST = 25_000
+
 @dataclass(frozen=True)
 class EvalSettings:
     """Everything of an encode that is the same for every job of an evaluation (hashed into each job)."""
@@ -88,6 +96,7 @@ class EvalSettings:
     uv_layers: int | None = None
     uv_filters: int | None = None
     iterations: int | None = None  # None: TrainConfig's default
+    finetune_iterations: int | None = None  # low delay, from the previous GoP's network; None: the default
     batch: int | None = None
     patch: int | None = None
     lr: float | None = None
@@ -95,6 +104,7 @@ class EvalSettings:
     weight_bits: str | None = None  # "8,6,5": candidate weight bit widths
     hash: str = "md5"
     lambda_scale: float = 1.0
+    rd_slope: float | None = None  # None: EncoderConfig's default
     filter_enabled: bool = True
 
     @classmethod
@@ -137,8 +147,17 @@ class JobSpec:
 
     @property
     def cost(self) -> int:
-        """A rough relative cost (samples to code), used to schedule big jobs first and for the ETA."""
-        return self.width * self.height * self.frames
+        """A rough relative cost, used to schedule big jobs first and for the ETA: the samples to code
+        plus the training steps, each counted as :data:`STEP_COST` samples (measured on 2 cores: one step
+        of one network ≈ 30 ms, coding + filtering + decisions ≈ 1.4 µs per luma sample)."""
+        s = self.settings
+        iterations = s.iterations if s.iterations is not None else DEFAULT_ITERATIONS
+        if self.mode == "ra":
+            steps = -(-self.frames // s.intra_period) * iterations
+        else:
+            finetune = s.finetune_iterations if s.finetune_iterations is not None else DEFAULT_FINETUNE_ITERATIONS
+            steps = iterations + (-(-self.frames // s.ld_gop) - 1) * finetune
+        return self.width * self.height * self.frames + (2 * steps * STEP_COST if s.filter_enabled else 0)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -169,6 +188,9 @@ class JobSpec:
         d = self.to_dict()
         for name in EXECUTION_FIELDS:
             d.pop(name, None)
+        for name in _LATER_SETTINGS:  # hashed only when set, so that earlier caches stay valid
+            if d["settings"].get(name) is None:
+                d["settings"].pop(name, None)
         d["spec_version"] = SPEC_VERSION
         text = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -236,7 +258,8 @@ def encoder_config(spec: JobSpec) -> Any:
     from .train import TrainConfig
 
     s = spec.settings
-    train_kw = {k: getattr(s, k) for k in ("iterations", "batch", "patch", "lr", "seed") if getattr(s, k) is not None}
+    train_kw = {k: getattr(s, k) for k in ("iterations", "finetune_iterations", "batch", "patch", "lr", "seed")
+                if getattr(s, k) is not None}
     if spec.threads:
         train_kw["threads"] = spec.threads
     quant = DEFAULT_QUANT_CANDIDATES
@@ -257,7 +280,8 @@ def encoder_config(spec: JobSpec) -> Any:
         arch_uv=Architecture(s.uv_layers or s.layers, s.uv_filters or s.filters),
         packing=parse_packing(s.pack), packing_uv=parse_packing(s.pack_uv) if s.pack_uv else None,
         train=TrainConfig(**train_kw), quant_candidates=quant, hash_type=hash_type, kernel=spec.kernel,
-        lambda_scale=s.lambda_scale, filter_enabled=s.filter_enabled)
+        lambda_scale=s.lambda_scale, filter_enabled=s.filter_enabled,
+        **({"rd_slope_db": s.rd_slope} if s.rd_slope is not None else {}))
 
 
 def _time_decodes(hevc: Path, side: Path, workdir: Path, kernel: str, repeats: int) -> dict[str, Any]:

@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 KERNEL_NAMES = ("cuda", "cpu", "reference")
 ABI_VERSION = 1
 
-# error code of nlf_filter.h the loader acts on
+# constants of nlf_filter.h the loader uses
 _ERR_UNSUPPORTED = -8
+_MEMORY_DEVICE = 1
 
 _ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 ISA_AUTO = -1
@@ -287,6 +288,45 @@ class CudaKernel:
         if rc != 0:
             raise _native_error(self._lib, self.name, rc)
         return outs
+
+    def filter_device(self, planes: Sequence[object], outs: Sequence[object], net: IntNetwork, bitdepth: int) -> None:
+        """Filter planes that are already on the GPU into ``outs`` (no host copies): any objects with
+        ``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors), 2-D, uint8 (8-bit) or uint16,
+        row-contiguous, all of one shape. Raises KernelError where the C++ path would fall back."""
+        def view(a: object, what: str) -> tuple[int, tuple[int, int], np.dtype, int]:
+            try:
+                cai = a.__cuda_array_interface__  # type: ignore[attr-defined]
+            except AttributeError:
+                raise UsageError(f"{what}: a GPU array (__cuda_array_interface__) expected, got {type(a).__name__}") from None
+            shape, dtype = tuple(cai["shape"]), np.dtype(cai["typestr"])
+            if len(shape) != 2 or dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+                raise UsageError(f"{what}: a 2-D uint8/uint16 array expected, got shape {shape} {dtype}")
+            strides = cai.get("strides") or (shape[1] * dtype.itemsize, dtype.itemsize)
+            if strides[1] != dtype.itemsize or strides[0] % dtype.itemsize:
+                raise UsageError(f"{what}: rows must be contiguous (strides {strides})")
+            if what.startswith("output") and cai["data"][1]:
+                raise UsageError(f"{what}: read-only")
+            return int(cai["data"][0]), shape, dtype, strides[0] // dtype.itemsize
+
+        n = net.group.planes
+        if len(planes) != n or len(outs) != n:
+            raise UsageError(f"the network filters {n} plane(s); got {len(planes)} in, {len(outs)} out")
+        ins = [view(a, f"input plane {g}") for g, a in enumerate(planes)]
+        res = [view(a, f"output plane {g}") for g, a in enumerate(outs)]
+        if len({(v[1], v[2]) for v in ins + res}) != 1:
+            raise UsageError("all planes (in and out) must have one shape and sample type")
+        shape, dtype = ins[0][1], ins[0][2]
+        if (dtype == np.uint8) != (bitdepth == 8):
+            raise UsageError(f"bit depth {bitdepth} needs {'uint8' if bitdepth == 8 else 'uint16'} samples")
+        pl = _Planes()
+        pl.height, pl.width = shape
+        pl.bitdepth, pl.sample_bytes, pl.memory = int(bitdepth), dtype.itemsize, _MEMORY_DEVICE
+        for g, (i, o) in enumerate(zip(ins, res)):
+            pl.src[g], pl.src_stride[g] = i[0], i[3]
+            pl.dst[g], pl.dst_stride[g] = o[0], o[3]
+        rc = self._lib.nlf_cuda_filter(ctypes.byref(_native_net(net).struct), ctypes.byref(pl))
+        if rc != 0:
+            raise _native_error(self._lib, self.name, rc)
 
     def __repr__(self) -> str:
         return f"CudaKernel(path={str(self.path)!r})"

@@ -53,6 +53,45 @@ def job_result(row: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ job specs
+def test_settings_added_later_keep_earlier_caches_valid():
+    """A spec whose later settings are unset hashes exactly as version-1 specs did (without those keys),
+    so results cached before the settings existed are still found."""
+    import hashlib
+
+    s = spec()
+    d = s.to_dict()
+    for name in ev.EXECUTION_FIELDS:
+        d.pop(name)
+    for name in ("finetune_iterations", "rd_slope"):
+        d["settings"].pop(name)
+    d["spec_version"] = ev.SPEC_VERSION
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    assert s.spec_hash == hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def test_filter_settings_reach_the_encoder():
+    pytest.importorskip("torch")
+    from hevc_ext.pipeline import EncoderConfig
+    from hevc_ext.train import TrainConfig
+
+    cfg = ev.encoder_config(spec(settings=ev.EvalSettings(iterations=7, finetune_iterations=3, rd_slope=3.5)))
+    assert (cfg.train.iterations, cfg.train.finetune_iterations, cfg.rd_slope_db) == (7, 3, 3.5)
+    cfg = ev.encoder_config(spec(settings=ev.EvalSettings()))
+    assert cfg.rd_slope_db == EncoderConfig().rd_slope_db
+    # the planner's copies of the training defaults (it runs without torch) are the trainer's
+    assert (ev.DEFAULT_ITERATIONS, ev.DEFAULT_FINETUNE_ITERATIONS) == (TrainConfig().iterations,
+                                                                        TrainConfig().finetune_iterations)
+
+
+def test_job_cost_counts_training_steps():
+    ra, ldp = spec(frames=16, mode="ra"), spec(frames=16, mode="ldp")
+    samples = 64 * 64 * 16
+    assert ra.cost == samples + 2 * 2 * ev.STEP_COST  # one RA segment, 2 networks × 2 iterations
+    # LD: 4 GoPs of 5, the first trained from scratch, three fine-tuned (default 200 steps each)
+    assert ldp.cost == samples + 2 * (2 + 3 * ev.DEFAULT_FINETUNE_ITERATIONS) * ev.STEP_COST
+    assert spec(settings=ev.EvalSettings(filter_enabled=False)).cost == 64 * 64 * 3
+
+
 def test_spec_roundtrip_and_hash():
     s = spec()
     back = ev.JobSpec.from_dict(json.loads(s.to_json()))
@@ -68,6 +107,9 @@ def test_spec_roundtrip_and_hash():
                {"settings": ev.EvalSettings(iterations=2, codec="hm")}, {"width": 32}):
         assert spec(**kw).spec_hash != s.spec_hash, kw
     assert len(s.spec_hash) == 20
+    for kw in ({"settings": ev.EvalSettings(iterations=2, rd_slope=3.0)},
+               {"settings": ev.EvalSettings(iterations=2, finetune_iterations=50)}):
+        assert spec(**kw).spec_hash != s.spec_hash, kw
     with pytest.raises(InputFormatError):
         ev.JobSpec.from_dict({**s.to_dict(), "bogus": 1})
     with pytest.raises(InputFormatError):

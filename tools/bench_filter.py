@@ -104,13 +104,12 @@ def torch_module(net: reference.IntNetwork):  # type: ignore[no-untyped-def]
     return nn.Sequential(*mods).eval()
 
 
-def median_ms(fn: Callable[[], Any], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+def mean_ms(fn: Callable[[], Any], calls: int) -> float:
+    """Mean wall time of ``calls`` back-to-back calls, in ms (each call returns only when its work is done)."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return (time.perf_counter() - t0) * 1e3 / calls
 
 
 def decode_ms_1080p(seqdir: Path, frames: int, threads: int) -> tuple[float, float, str]:
@@ -197,10 +196,29 @@ def bench_size(width: int, height: int, kern: kernels.Kernel, args: argparse.Nam
 
         run_torch()
         row_torch_device = dev
+    # CUDA: also the kernel on planes already in GPU memory (no PCIe copies), like torch's input
+    run_device: Callable[[], None] | None = None
+    want = None
+    if kern.name == "cuda" and torch_ok and row_torch_device == "cuda":
+        dev_in = [torch.from_numpy(p).to("cuda") for p in (frame.y, frame.u, frame.v)]
+        dev_out = [torch.empty_like(p) for p in dev_in]
+
+        def filter_on_device() -> None:
+            kern.filter_device(dev_in[:1], dev_out[:1], net_y, 8)  # type: ignore[attr-defined]
+            kern.filter_device(dev_in[1:], dev_out[1:], net_uv, 8)  # type: ignore[attr-defined]
+
+        run_device = filter_on_device
+        run_device()
+        want = reference.filter_planes([frame.y], net_y, 8) + reference.filter_planes([frame.u, frame.v], net_uv, 8) \
+            if width * height <= 1920 * 1080 else None
+    inner = args.inner if kern.name == "cuda" else 1  # calls per round on the GPU (short calls)
+    device_times: list[float] = []
     for _ in range(rounds):  # interleaved rounds
-        kernel_times.append(median_ms(run_kernel, 1))
+        kernel_times.append(mean_ms(run_kernel, inner))
         if torch_ok:
-            torch_times.append(median_ms(run_torch, 1))
+            torch_times.append(mean_ms(run_torch, inner))
+        if run_device is not None:
+            device_times.append(mean_ms(run_device, inner))
     kernel_ms = statistics.median(kernel_times)
     best_ms = min(kernel_times)
     row: dict[str, Any] = {
@@ -213,6 +231,16 @@ def bench_size(width: int, height: int, kern: kernels.Kernel, args: argparse.Nam
         row["torch_ms_best"] = round(min(torch_times), 2)
         row["torch_device"] = row_torch_device
         row["speedup_vs_torch"] = round(row["torch_ms"] / kernel_ms, 2)
+    if device_times:
+        dms = statistics.median(device_times)
+        row["kernel_device_ms"] = round(dms, 4)
+        row["kernel_device_ms_best"] = round(min(device_times), 4)
+        row["fps_device"] = round(1e3 / dms, 1)
+        row["gmacs_device"] = round(macs / dms / 1e6, 1)
+        if torch_ok:
+            row["speedup_vs_torch_device"] = round(row["torch_ms"] / dms, 2)
+        if want is not None:
+            row["bitexact_device"] = all(np.array_equal(o.cpu().numpy(), w) for o, w in zip(dev_out, want))
     if width * height <= args.reference_max_pixels or (width, height) == (1920, 1080):
         t0 = time.perf_counter()
         want = reference.filter_planes([frame.y], net_y, 8) + reference.filter_planes([frame.u, frame.v], net_uv, 8)
@@ -237,6 +265,14 @@ def print_table(res: dict[str, Any]) -> None:
               f"{r.get('torch_ms_best', float('nan')):>7.1f} {r.get('speedup_vs_torch', float('nan')):>8.1f} "
               f"{r.get('reference_ms', float('nan')):>8.0f} {r.get('speedup_vs_reference', float('nan')):>7.0f} "
               f"{str(r.get('bitexact', '-')):>8}")
+    dev_rows = [r for r in res["rows"] if "kernel_device_ms" in r]
+    if dev_rows:
+        print(f"# planes already in GPU memory ({res.get('gpu')}): no host<->device copies")
+        print(f"{'size':>10} {'ms/frame':>9} {'(best)':>8} {'fps':>9} {'GMAC/s':>8} {'x torch':>8} {'bitexact':>8}")
+        for r in dev_rows:
+            print(f"{r['size']:>10} {r['kernel_device_ms']:>9.3f} {r['kernel_device_ms_best']:>8.3f} {r['fps_device']:>9.1f} "
+                  f"{r['gmacs_device']:>8.1f} {r.get('speedup_vs_torch_device', float('nan')):>8.2f} "
+                  f"{str(r.get('bitexact_device', '-')):>8}")
     if res.get("decode_ms_1080p") is not None:
         line = (f"decode (PyAV) 1080p: {res['decode_ms_1080p']:.2f} ms/frame (best {res['decode_ms_1080p_best']:.2f}; "
                 f"{res['decode_detail']})")
@@ -256,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (kernel, torch, decoder)")
     ap.add_argument("--sizes", default=None, help="comma-separated WxH list (default: the standard set)")
     ap.add_argument("--repeat", type=int, default=7, help="timing rounds per size (median)")
+    ap.add_argument("--inner", type=int, default=20, help="CUDA: calls per timing round (their mean)")
     ap.add_argument("--reference-max-pixels", type=int, default=832 * 480,
                     help="time the numpy reference only up to this many luma samples")
     ap.add_argument("--decode-frames", type=int, default=8, help="frames encoded for the decode timing")
@@ -301,7 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     res["filter_ms_1080p_best"] = hd["kernel_ms_best"] if hd else None
     res["gmacs_1080p"] = hd["gmacs"] if hd else None
     res["speedup_vs_torch_1080p"] = hd.get("speedup_vs_torch") if hd else None
-    res["bitexact"] = all(r["bitexact"] for r in res["rows"] if "bitexact" in r)
+    res["bitexact"] = all(r[k] for r in res["rows"] for k in ("bitexact", "bitexact_device") if k in r)
+    uhd = next((r for r in res["rows"] if r["size"] == "3840x2160"), None)
+    if kern.name == "cuda":
+        res["speedup_vs_torch_device_1080p"] = hd.get("speedup_vs_torch_device") if hd else None
+        res["fps_2160p_device"] = uhd.get("fps_device") if uhd else None
+        res["fps_2160p_host"] = uhd.get("fps") if uhd else None
+        res["speedup_vs_torch_device_2160p"] = uhd.get("speedup_vs_torch_device") if uhd else None
+        res["gpu"] = __import__("torch").cuda.get_device_name(0) if torch_ok else None
     res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     if args.out:
         args.out.write_text(json.dumps(res, indent=2) + "\n")
