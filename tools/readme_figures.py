@@ -2,10 +2,11 @@
 """Regenerate the figures table of README.md: real encodes of BasketballPass (the one true CTC clip
 among ../shared/sequences) with the x265 backend at the default settings.
 
-    python tools/readme_figures.py [--sequences DIR] [--out FILE.json]
+    python tools/readme_figures.py [--sequences DIR] [--out FILE.json] [--update-readme]
 
-Prints a Markdown table (PSNR HM-style: mean of per-picture PSNR; rate = HEVC + side stream) and
-writes the raw reports as JSON.
+Prints a Markdown table (PSNR HM-style: mean of per-picture PSNR; rate = HEVC + side stream), writes
+the raw reports as JSON and, with --update-readme, replaces the table between the
+``<!-- figures:begin -->`` and ``<!-- figures:end -->`` markers of README.md.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> int:
     ap.add_argument("--sequences", default=str(REPO.parent / "shared" / "sequences"))
     ap.add_argument("--frames", type=int, default=33)
     ap.add_argument("--out", default="readme_figures.json")
+    ap.add_argument("--update-readme", action="store_true", help="rewrite the table in README.md")
     args = ap.parse_args()
     clip = Path(args.sequences) / "BasketballPass_416x240_50.yuv"
     if not clip.is_file():
@@ -46,10 +48,23 @@ def main() -> int:
                     f"{rep['kbps_after']:.1f} | {rep['psnr_before']['y']:.3f} | {g['y']:+.3f} | {g['u']:+.3f} | "
                     f"{g['v']:+.3f} | {rep['side_bytes']} ({per_seg}) | {time.perf_counter() - t:.0f} |")
         print(rows[-1], flush=True)
-    print("\n| mode | QP | segment | kbps HEVC | kbps + side | Y PSNR | ΔY dB | ΔU dB | ΔV dB | side bytes (per segment) | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    table = "\n".join([
+        "| mode | QP | segment | kbps HEVC | kbps + side | Y PSNR | ΔY dB | ΔU dB | ΔV dB | side bytes (per segment) | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
+    print("\n" + table)
     Path(args.out).write_text(json.dumps(reports, indent=1))
+    if args.update_readme:
+        readme = REPO / "README.md"
+        text = readme.read_text(encoding="utf-8")
+        begin, end = "<!-- figures:begin -->", "<!-- figures:end -->"
+        if begin not in text or end not in text:
+            print(f"{readme}: markers {begin} / {end} not found", file=sys.stderr)
+            return 1
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        tmp = readme.with_suffix(".md.part")
+        tmp.write_text(f"{head}{begin}\n{table}\n{end}{tail}", encoding="utf-8")
+        tmp.replace(readme)
     return 0
 
 
