@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .errors import InputFormatError, SideStreamError, UsageError
-from .sidecar import (MAGIC, UNIT_HEADER, UNIT_RECORD, Record, RecordParser, SideStream, crc16, frame_unit,
-                      header_payload, parse_header_payload)
+from .sidecar import (MAGIC, UNIT_HEADER, UNIT_RECORD, Record, RecordParser, SideStream, frame_unit,
+                      header_payload, iter_units, parse_header_payload)
 
 #: uuid_iso_iec_11578 of every hevc-nlf SEI message (generated once with uuid4; never change it).
 PROJECT_UUID_STR = "5b435a1a-e89b-46a4-b37b-8004c5bf8e9a"
@@ -364,24 +364,7 @@ def our_contents(nal: NalUnit, where: str) -> list[bytes] | None:
 
 def split_units(content: bytes, where: str) -> list[tuple[int, bytes]]:
     """The framed units of one SEI message (kind u8, size u16, payload, crc16 — as in the sidecar)."""
-    units = []
-    pos = 0
-    while pos < len(content):
-        index = len(units)
-        if len(content) - pos < 5:
-            raise SideStreamError(f"{where}: unit {index} truncated ({len(content) - pos} bytes left)")
-        kind = content[pos]
-        size = int.from_bytes(content[pos + 1:pos + 3], "big")
-        end = pos + 3 + size
-        if end + 2 > len(content):
-            raise SideStreamError(f"{where}: unit {index} announces {size} bytes, only "
-                                  f"{max(0, len(content) - pos - 5)} present (truncated)")
-        if crc16(content[pos:end]) != int.from_bytes(content[end:end + 2], "big"):
-            raise SideStreamError(f"{where}: unit {index} is damaged (CRC mismatch)")
-        if kind not in (UNIT_HEADER, UNIT_RECORD):
-            raise SideStreamError(f"{where}: unit {index} has unknown kind {kind}")
-        units.append((kind, content[pos + 3:end]))
-        pos = end + 2
+    units = list(iter_units(content, where, base=None))
     if not units:
         raise SideStreamError(f"{where}: empty hevc-nlf SEI message")
     return units

@@ -262,21 +262,23 @@ class RecordParser:
         return Record(rtype, group, segment, first, count, digest, network, size=len(data))
 
 
-def iter_units(data: bytes, origin: str) -> Iterator[tuple[int, bytes]]:
-    """Split sidecar bytes (after the magic) into (kind, payload) units, checking sizes and CRCs."""
+def iter_units(data: bytes, origin: str, base: int | None = len(MAGIC)) -> Iterator[tuple[int, bytes]]:
+    """Split framed units (kind u8, size u16, payload, crc16: a sidecar after its magic, or the content
+    of one SEI message) into (kind, payload), checking sizes and CRCs. ``base``: the byte offset of
+    ``data`` in its file, named in the errors (None: no offsets, e.g. inside an SEI message)."""
     pos, index = 0, 0
     while pos < len(data):
+        at = "" if base is None else f" at byte {pos + base}"
         if len(data) - pos < 5:
-            raise SideStreamError(f"{origin}: truncated unit {index} at byte {pos + len(MAGIC)}")
+            raise SideStreamError(f"{origin}: unit {index}{at} truncated ({len(data) - pos} bytes left)")
         kind = data[pos]
         size = int.from_bytes(data[pos + 1:pos + 3], "big")
         end = pos + 3 + size
         if end + 2 > len(data):
-            raise SideStreamError(f"{origin}: unit {index} at byte {pos + len(MAGIC)} announces {size} bytes, "
+            raise SideStreamError(f"{origin}: unit {index}{at} announces {size} bytes, "
                                   f"only {max(0, len(data) - pos - 5)} present (truncated)")
-        body = data[pos:end]
-        if crc16(body) != int.from_bytes(data[end:end + 2], "big"):
-            raise SideStreamError(f"{origin}: unit {index} at byte {pos + len(MAGIC)} is damaged (CRC mismatch)")
+        if crc16(data[pos:end]) != int.from_bytes(data[end:end + 2], "big"):
+            raise SideStreamError(f"{origin}: unit {index}{at} is damaged (CRC mismatch)")
         if kind not in (UNIT_HEADER, UNIT_RECORD):
             raise SideStreamError(f"{origin}: unit {index} has unknown kind {kind}")
         yield kind, data[pos + 3:end]
