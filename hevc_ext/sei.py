@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .errors import InputFormatError, SideStreamError, UsageError
-from .sidecar import (MAGIC, UNIT_HEADER, UNIT_RECORD, Record, RecordParser, SideStream, frame_unit,
-                      header_payload, iter_units, parse_header_payload)
+from .sidecar import (MAGIC, UNIT_HEADER, UNIT_RECORD, Record, SideStream, frame_unit, header_payload,
+                      iter_units)
 
 #: uuid_iso_iec_11578 of every hevc-nlf SEI message (generated once with uuid4; never change it).
 PROJECT_UUID_STR = "5b435a1a-e89b-46a4-b37b-8004c5bf8e9a"
@@ -471,24 +471,8 @@ def scan(stream: bytes, origin: str = "HEVC stream") -> Extracted:
 def parse_units(units: Sequence[tuple[int, bytes]], origin: str, pictures: int | None = None) -> SideStream:
     """Build the side stream from units in stream order, checking that the records cover every
     picture (``pictures``: the picture count of the stream, if known)."""
-    header = None
-    parser = None
-    records: list[Record] = []
     try:
-        for kind, payload in units:
-            if kind == UNIT_HEADER:
-                if header is not None:
-                    raise SideStreamError(f"{origin}: more than one embedded side-stream header")
-                header = parse_header_payload(payload, f"{origin}: embedded header")
-                parser = RecordParser(header)
-            else:
-                if parser is None:
-                    raise SideStreamError(f"{origin}: embedded record before the side-stream header "
-                                          f"(the header SEI is missing or damaged)")
-                records.append(parser.parse(payload, len(records)))
-        if header is None:
-            raise SideStreamError(f"{origin}: no embedded side-stream header")
-        side = SideStream(header, tuple(records))
+        side = SideStream.from_units(units, origin, embedded=True)
         try:
             side.check_consistency()
         except SideStreamError as exc:

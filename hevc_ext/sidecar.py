@@ -313,21 +313,30 @@ class SideStream:
         if data[:4] != MAGIC:
             raise SideStreamError(f"{origin}: not a hevc-nlf side stream (expected magic {MAGIC!r}, "
                                   f"found {bytes(data[:4])!r})")
+        return cls.from_units(iter_units(data[4:], origin), origin)
+
+    @classmethod
+    def from_units(cls, units: Iterable[tuple[int, bytes]], origin: str, embedded: bool = False) -> "SideStream":
+        """Assemble a side stream from (kind, payload) units in stream order: one header first, then
+        the records. ``embedded``: the units came from SEI messages (the errors say so)."""
+        what = "embedded side-stream header" if embedded else "header"
         header = None
         records: list[Record] = []
         parser = None
-        for kind, payload in iter_units(data[4:], origin):
+        for kind, payload in units:
             if kind == UNIT_HEADER:
                 if header is not None:
-                    raise SideStreamError(f"{origin}: more than one header")
-                header = parse_header_payload(payload, f"{origin}: header")
+                    raise SideStreamError(f"{origin}: more than one {what}")
+                header = parse_header_payload(payload, f"{origin}: {'embedded header' if embedded else 'header'}")
                 parser = RecordParser(header)
             else:
                 if parser is None:
-                    raise SideStreamError(f"{origin}: record before the header")
+                    raise SideStreamError(f"{origin}: embedded record before the side-stream header (the header "
+                                          f"SEI is missing or damaged)" if embedded else
+                                          f"{origin}: record before the header")
                 records.append(parser.parse(payload, len(records)))
         if header is None:
-            raise SideStreamError(f"{origin}: no header")
+            raise SideStreamError(f"{origin}: no {what}")
         return cls(header, tuple(records))
 
     def check_consistency(self) -> None:
