@@ -472,6 +472,16 @@ static int ensure(void** ptr, size_t* have, size_t need) {
     return NLF_OK;
 }
 
+// picture geometry of a call (packing already in p from the plan)
+static void set_geometry(Params& p, const nlf_planes* pl) {
+    p.H = pl->height;
+    p.W = pl->width;
+    p.Hq = (p.H + p.ph - 1) / p.ph;
+    p.Wq = (p.W + p.pw - 1) / p.pw;
+    p.bd = pl->bitdepth;
+    p.sample_bytes = pl->sample_bytes;
+}
+
 static int run(const nlf_network* net, const nlf_planes* pl) {
     g_err[0] = 0;
     if (!net || !pl) return fail(NLF_ERR_ARG, "NULL argument");
@@ -498,12 +508,7 @@ static int run(const nlf_network* net, const nlf_planes* pl) {
     if (smem_optin <= 0) smem_optin = 48 * 1024;
 
     Params& p = hp.p;
-    p.H = pl->height;
-    p.W = pl->width;
-    p.Hq = (p.H + p.ph - 1) / p.ph;
-    p.Wq = (p.W + p.pw - 1) / p.pw;
-    p.bd = pl->bitdepth;
-    p.sample_bytes = pl->sample_bytes;
+    set_geometry(p, pl);
     // tile: 32 columns x 16 rows, fewer rows if shared memory is short
     p.tw = 32;
     p.th = 16;
@@ -594,12 +599,7 @@ static int run_host(const nlf_network* net, const nlf_planes* pl) {
     int rc = build_plan(net, pl, hp);
     if (rc != NLF_OK) return rc;
     Params& p = hp.p;
-    p.H = pl->height;
-    p.W = pl->width;
-    p.Hq = (p.H + p.ph - 1) / p.ph;
-    p.Wq = (p.W + p.pw - 1) / p.pw;
-    p.bd = pl->bitdepth;
-    p.sample_bytes = pl->sample_bytes;
+    set_geometry(p, pl);
     p.tw = 32;
     p.th = 16;
     const size_t elems = stage_elems(hp, p.th, p.tw);
