@@ -48,6 +48,7 @@ _ERR_UNSUPPORTED = -8
 _MEMORY_DEVICE = 1
 
 _ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
+_RQ_NAMES = {0: "general", 1: "high", 2: "fold"}  # NLF_RQ_* of nlf_filter.h
 ISA_AUTO = -1
 CPU_ISAS = ("scalar", "avx2", "avx512")
 
@@ -252,6 +253,16 @@ class CpuKernel:
             raise _native_error(self._lib, self.name, rc)
         return outs
 
+    def requant_forms(self, net: IntNetwork, bitdepth: int) -> list[str]:
+        """Per layer, the requantisation form the SIMD code paths use (``fold``, ``high`` or ``general``,
+        cheapest first; see filter_cpu.cpp). A diagnostic: the output is the same whichever applies."""
+        native = _native_net(net)
+        forms = (ctypes.c_int32 * len(net.layers))()
+        rc = self._lib.nlf_cpu_requant_forms(ctypes.byref(native.struct), bitdepth, forms, len(net.layers))
+        if rc != 0:
+            raise _native_error(self._lib, self.name, rc)
+        return [_RQ_NAMES.get(f, str(f)) for f in forms]
+
     def __repr__(self) -> str:
         return f"CpuKernel(isa={self.isa_name}, threads={self.threads or 'all'}, path={str(self.path)!r})"
 
@@ -359,6 +370,9 @@ def _bind_cpu(lib: ctypes.CDLL) -> None:
     lib.nlf_cpu_isa_supported.argtypes = [ctypes.c_int32]
     lib.nlf_cpu_filter.restype = ctypes.c_int32
     lib.nlf_cpu_filter.argtypes = [ctypes.POINTER(_Network), ctypes.POINTER(_Planes), ctypes.c_int32, ctypes.c_int32]
+    lib.nlf_cpu_requant_forms.restype = ctypes.c_int32
+    lib.nlf_cpu_requant_forms.argtypes = [ctypes.POINTER(_Network), ctypes.c_int32,
+                                          ctypes.POINTER(ctypes.c_int32), ctypes.c_int32]
 
 
 def _bind_cuda(lib: ctypes.CDLL) -> None:

@@ -215,15 +215,20 @@ def filter_planes(planes: Sequence[np.ndarray], net: IntNetwork, bitdepth: int) 
 
 
 def random_network(rng: np.random.Generator, group: Group, packing: Packing,
-                   arch: Architecture = Architecture(), weight_max: int = 127) -> IntNetwork:
-    """A valid random network (for tests and benchmarks): realistic ranges, not a trained filter."""
+                   arch: Architecture = Architecture(), weight_max: int = 127, mult_bits: int = 8) -> IntNetwork:
+    """A valid random network (for tests and benchmarks), not a trained filter.
+
+    The defaults (weights up to ±127, multipliers of 7–8 bits) are wider than what the encoder
+    signals; ``weight_max=31, mult_bits=4`` gives the ranges of networks coded with the default
+    QuantConfig (6-bit weights, 4-bit scale significands: multipliers below 16 after layer 1).
+    """
     layers = []
     for i, s in enumerate(arch.shapes(group, packing)):
         w = rng.integers(-weight_max, weight_max + 1, size=s.weight_shape).astype(np.int32)
-        mult = rng.integers(1 << 6, 1 << 8, size=s.cout).astype(np.int64)
+        mult = rng.integers(1 << (mult_bits - 2), 1 << mult_bits, size=s.cout).astype(np.int64)
         taps = s.cin if s.kind == "pw" else 9
-        # keep activations at a steady magnitude: |acc·mult| ≈ sqrt(taps)·(wmax/2)·160·|a|
-        gain = int(np.round(np.log2(np.sqrt(taps) * weight_max / 2 * 160 / 2)))
+        # keep activations at a steady magnitude: |acc·mult| ≈ sqrt(taps)·(wmax/2)·(mult/1.6)·|a|
+        gain = int(np.round(np.log2(np.sqrt(taps) * weight_max / 2 * (1 << mult_bits) / 1.6 / 2)))
         shift = np.full(s.cout, gain + (0 if s.relu else 7), dtype=np.int64)
         bias = rng.integers(-(1 << 10), 1 << 10, size=s.cout).astype(np.int64) << (shift - 4)
         layers.append(IntLayer(s.kind, w, mult, bias, shift, s.relu))

@@ -47,6 +47,7 @@
 #include <new>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -87,6 +88,10 @@ constexpr int MAX_CHANNELS = 4096;      // sanity bound on channel counts
 constexpr int64_t MAX_MULT = (int64_t(1) << 31) - 1;
 constexpr int64_t MAX_ABS_BIAS = int64_t(1) << 52;
 constexpr int MAX_SHIFT = 62;
+// requantisation forms, cheapest last (LayerPlan::rq; NLF_RQ_* in nlf_filter.h)
+constexpr int RQ_GENERAL = NLF_RQ_GENERAL;  // 64-bit product, shift and clamp
+constexpr int RQ_HIGH = NLF_RQ_HIGH;        // high dword of acc*M + B
+constexpr int RQ_FOLD = NLF_RQ_FOLD;        // multiplier folded into the int16 weights: (acc' + bround) >> shift
 typedef __int128 i128;
 static const i128 I64_LIMIT = (i128)1 << 63;
 
@@ -95,7 +100,7 @@ struct LayerPlan {
     int kind = 0;  // NLF_LAYER_PW / NLF_LAYER_DW
     int cin = 0, cout = 0, pin = 0, pout = 0;
     bool relu = false;
-    bool fast = false;      // every channel uses the high-dword requantisation
+    int rq = RQ_GENERAL;    // requantisation form shared by every channel (see the header comment)
     int D = 0;              // depth-wise layers after this one
     int32_t lo = 0, hi = 0; // output clamp
     // original integers (scalar path), channel-padded to 2*pout with zeros
@@ -107,7 +112,8 @@ struct LayerPlan {
     std::vector<int32_t> wv;      // dw: wp broadcast to 16 lanes ([pout][18][16]), 64-byte aligned at wvo
     size_t wvo = 0;
     const int32_t* wvec() const { return wv.data() + wvo; }
-    std::vector<int64_t> fm, fb;  // fast: M, B per channel (2*pout)
+    std::vector<int64_t> fm, fb;  // RQ_HIGH: M, B per channel (2*pout)
+    std::vector<int32_t> b32, s32;  // RQ_FOLD: initial accumulator (bias + round) and shift per channel
 };
 
 struct Plan {
@@ -221,7 +227,9 @@ static int build_plan(const nlf_network* net, int bitdepth, Plan& P) {
         L.shift.assign(cpad, 0);
         L.fm.assign(cpad, 0);
         L.fb.assign(cpad, 0);
-        bool fast = true;
+        L.b32.assign(cpad, 0);
+        L.s32.assign(cpad, 0);
+        bool fast = true, fold = true;
         for (int f = 0; f < src.cout; ++f) {
             int64_t amin = 0, amax = 0;
             for (int k = 0; k < taps; ++k) {
@@ -269,23 +277,44 @@ static int build_plan(const nlf_network* net, int bitdepth, Plan& P) {
                 }
             }
             fast = fast && ok;
+            // folded form: every w*m is an int16 and acc*m + br (the accumulation started at br) stays
+            // inside int32, so the 32-bit wrapping sum is exact; an arithmetic shift by s >= 32 gives the
+            // sign (0 or -1), which is the floor of a value with |v| < 2^31 divided by 2^s
+            bool fok = true;
+            for (int k = 0; k < taps && fok; ++k) {
+                const int64_t wm = (int64_t)L.w[(size_t)f * taps + k] * m;
+                fok = wm >= -32768 && wm <= 32767;
+            }
+            if (fok) {
+                const i128 v1 = (i128)amin * m + br, v2 = (i128)amax * m + br;
+                fok = v1 >= INT32_MIN && v2 <= INT32_MAX;
+            }
+            if (fok) {
+                L.b32[f] = (int32_t)br;
+                L.s32[f] = (int32_t)s;
+            }
+            fold = fold && fok;
         }
-        L.fast = fast;
-        // SIMD weight operands
+        L.rq = fold ? RQ_FOLD : (fast ? RQ_HIGH : RQ_GENERAL);
+        // SIMD weight operands (the multiplier folded in for RQ_FOLD; the scalar path uses L.w)
+        std::vector<int32_t> ws(L.w);
+        if (L.rq == RQ_FOLD)
+            for (int f = 0; f < src.cout; ++f)
+                for (int k = 0; k < taps; ++k) ws[(size_t)f * taps + k] *= (int32_t)L.mult[f];
         if (L.kind == NLF_LAYER_PW) {
             L.wp.assign((size_t)cpad * L.pin, 0);
             for (int f = 0; f < src.cout; ++f)
                 for (int j = 0; j < L.pin; ++j) {
-                    const int32_t a = L.w[(size_t)f * taps + 2 * j];
-                    const int32_t b2 = (2 * j + 1 < src.cin) ? L.w[(size_t)f * taps + 2 * j + 1] : 0;
+                    const int32_t a = ws[(size_t)f * taps + 2 * j];
+                    const int32_t b2 = (2 * j + 1 < src.cin) ? ws[(size_t)f * taps + 2 * j + 1] : 0;
                     L.wp[(size_t)f * L.pin + j] = (int32_t)((uint32_t)(uint16_t)(int16_t)a | ((uint32_t)(uint16_t)(int16_t)b2 << 16));
                 }
         } else {
             L.wp.assign((size_t)L.pout * 18, 0);
             for (int q = 0; q < L.pout; ++q)
                 for (int t = 0; t < 9; ++t) {
-                    const int32_t a = L.w[(size_t)(2 * q) * 9 + t];
-                    const int32_t b2 = L.w[(size_t)(2 * q + 1) * 9 + t];  // 0 for a padding channel
+                    const int32_t a = ws[(size_t)(2 * q) * 9 + t];
+                    const int32_t b2 = ws[(size_t)(2 * q + 1) * 9 + t];  // 0 for a padding channel
                     L.wp[(size_t)q * 18 + 2 * t] = (int32_t)(uint32_t)(uint16_t)(int16_t)a;
                     L.wp[(size_t)q * 18 + 2 * t + 1] = (int32_t)((uint32_t)(uint16_t)(int16_t)b2 << 16);
                 }
@@ -297,8 +326,8 @@ static int build_plan(const nlf_network* net, int bitdepth, Plan& P) {
             };
             for (int c = 0; c < src.cout; ++c)
                 for (int dx = 0; dx < 3; ++dx) {
-                    const int32_t w0 = L.w[(size_t)c * 9 + dx], w1 = L.w[(size_t)c * 9 + 3 + dx],
-                                  w2 = L.w[(size_t)c * 9 + 6 + dx];
+                    const int32_t w0 = ws[(size_t)c * 9 + dx], w1 = ws[(size_t)c * 9 + 3 + dx],
+                                  w2 = ws[(size_t)c * 9 + 6 + dx];
                     int32_t* d = &L.wvp[(size_t)c * 12 + dx * 4];
                     d[0] = wpair(w0, w1);
                     d[1] = wpair(w2, 0);
@@ -468,7 +497,8 @@ static int filter(const nlf_network* net, const nlf_planes* pl, int threads, int
     const int VW = vector_width(isa);
     if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
     threads = std::min(threads, 256);
-    const int tw_target = 254;
+    static const int tw_env = std::getenv("NLF_TW") ? std::atoi(std::getenv("NLF_TW")) : 254;
+    const int tw_target = tw_env;
     const int nstrips = std::max(1, (Wq + tw_target / 2) / tw_target);
     const int tw = (Wq + nstrips - 1) / nstrips;
     int nbands = 1;
@@ -560,6 +590,23 @@ NLF_API int32_t nlf_cpu_filter(const nlf_network* net, const nlf_planes* planes,
     }
 }
 
+NLF_API int32_t nlf_cpu_requant_forms(const nlf_network* net, int32_t bitdepth, int32_t* forms, int32_t n) {
+    try {
+        nlf::g_last_error[0] = 0;
+        if (!forms || n < 0) return nlf::fail(NLF_ERR_ARG, "forms: NULL pointer or negative count");
+        if (bitdepth < 8 || bitdepth > 16) return nlf::fail(NLF_ERR_ARG, "bit depth %d not in 8..16", bitdepth);
+        nlf::Plan P;
+        const int rc = nlf::build_plan(net, bitdepth, P);
+        if (rc != NLF_OK) return rc;
+        for (int i = 0; i < n && i < (int)P.L.size(); ++i) forms[i] = P.L[i].rq;
+        return NLF_OK;
+    } catch (const std::bad_alloc&) {
+        return nlf::fail(NLF_ERR_NOMEM, "out of memory");
+    } catch (...) {
+        return nlf::fail(NLF_ERR_INTERNAL, "unexpected C++ exception");
+    }
+}
+
 }  // extern "C"
 
 #else  // ================================================= NLF_ISA_PASS: one instruction set
@@ -572,6 +619,135 @@ using nlf::Plan;
 using nlf::Scratch;
 
 // ------------------------------------------------------------------------ input / output stages
+// Sample loops, vectorised explicitly for AVX-512 (masked tails) and left to the compiler elsewhere.
+// io_centre:  o[i] = s[i] - off                                   (i < n)
+// io_centre2: o[2i] = s0[i] - off, o[2i+1] = s1 ? s1[i] - off : 0   (i < n)
+// io_add:     d[i] = clip(s[i] + r[i])                            (i < n)
+// io_add2:    d[i] = clip(s[i] + r[2i])                           (i < n)
+// io_centre* return the OR of the samples read (the caller checks it against the bit depth).
+#if NLF_VW == 16
+static inline __mmask32 tailmask32(int m) { return m >= 32 ? 0xFFFFFFFFu : ((1u << m) - 1u); }
+static inline __mmask16 tailmask16(int m) { return (__mmask16)(m >= 16 ? 0xFFFFu : ((1u << m) - 1u)); }
+static inline unsigned or16(__m512i acc) {  // OR of the 16-bit lanes
+    const unsigned r = (unsigned)_mm512_reduce_or_epi32(acc);
+    return (r | (r >> 16)) & 0xFFFFu;
+}
+template <typename T>
+static inline __m512i load16x32(const T* s, __mmask16 k) {  // 16 samples -> 16 int32
+    if constexpr (sizeof(T) == 1) return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, s));
+    else return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, s));
+}
+template <typename T>
+static inline void store16x32(T* d, __mmask16 k, __m512i v) {  // 16 int32 (in range) -> 16 samples
+    if constexpr (sizeof(T) == 1) _mm512_mask_cvtepi32_storeu_epi8(d, k, v);
+    else _mm512_mask_cvtepi32_storeu_epi16(d, k, v);
+}
+template <typename T>
+static inline unsigned io_centre(const T* s, int n, int off, int16_t* o) {
+    const __m512i voff = _mm512_set1_epi16((short)off);
+    __m512i acc = _mm512_setzero_si512();
+    for (int i = 0; i < n; i += 32) {
+        const __mmask32 k = tailmask32(n - i);
+        __m512i x;
+        if constexpr (sizeof(T) == 1) {
+            x = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(k, s + i));
+        } else {
+            x = _mm512_maskz_loadu_epi16(k, s + i);
+            acc = _mm512_or_si512(acc, x);
+        }
+        _mm512_mask_storeu_epi16(o + i, k, _mm512_sub_epi16(x, voff));
+    }
+    return sizeof(T) == 1 ? 0u : or16(acc);
+}
+template <typename T>
+static inline unsigned io_centre2(const T* s0, const T* s1, int n, int off, int16_t* o) {
+    const __m512i voff = s1 ? _mm512_set1_epi16((short)off) : _mm512_set1_epi32(off & 0xFFFF);
+    __m512i acc = _mm512_setzero_si512();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 k = tailmask16(n - i);
+        __m512i v = load16x32(s0 + i, k);
+        if (s1) v = _mm512_or_si512(v, _mm512_slli_epi32(load16x32(s1 + i, k), 16));
+        if (sizeof(T) > 1) acc = _mm512_or_si512(acc, v);
+        _mm512_mask_storeu_epi32(o + 2 * i, k, _mm512_sub_epi16(v, voff));
+    }
+    return sizeof(T) == 1 ? 0u : or16(acc);
+}
+template <typename T>
+static inline void io_add(const T* s, const int16_t* r, int n, int maxv, T* d) {
+    const __m512i vmax = _mm512_set1_epi32(maxv), zero = _mm512_setzero_si512();
+    if constexpr (sizeof(T) == 1) {  // 32 at a time in saturating int16: clip(sat(s + r)) == clip(s + r)
+        const __m512i vmax16 = _mm512_set1_epi16((short)maxv);
+        for (int i = 0; i < n; i += 32) {
+            const __mmask32 k = tailmask32(n - i);
+            const __m512i x = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(k, s + i));
+            const __m512i v = _mm512_adds_epi16(x, _mm512_maskz_loadu_epi16(k, r + i));
+            _mm512_mask_cvtepi16_storeu_epi8(d + i, k, _mm512_min_epi16(_mm512_max_epi16(v, zero), vmax16));
+        }
+    } else {
+        for (int i = 0; i < n; i += 16) {
+            const __mmask16 k = tailmask16(n - i);
+            const __m512i rv = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k, r + i));
+            const __m512i v = _mm512_add_epi32(load16x32(s + i, k), rv);
+            store16x32(d + i, k, _mm512_min_epi32(_mm512_max_epi32(v, zero), vmax));
+        }
+    }
+}
+template <typename T>
+static inline void io_add2(const T* s, const int16_t* r, int n, int maxv, T* d) {
+    const __m512i vmax = _mm512_set1_epi32(maxv), zero = _mm512_setzero_si512();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 k = tailmask16(n - i);
+        // r[2i] is the low half of the 32-bit word at r + 2i (r may start at either half of a pair)
+        const __m512i w = _mm512_maskz_loadu_epi32(k, r + 2 * i);
+        const __m512i rv = _mm512_srai_epi32(_mm512_slli_epi32(w, 16), 16);
+        const __m512i v = _mm512_add_epi32(load16x32(s + i, k), rv);
+        store16x32(d + i, k, _mm512_min_epi32(_mm512_max_epi32(v, zero), vmax));
+    }
+}
+#else
+template <typename T>
+static inline unsigned io_centre(const T* __restrict s, int n, int off, int16_t* __restrict o) {
+    unsigned acc = 0;
+    for (int i = 0; i < n; ++i) {
+        acc |= s[i];
+        o[i] = (int16_t)((int)s[i] - off);
+    }
+    return acc;
+}
+template <typename T>
+static inline unsigned io_centre2(const T* __restrict s0, const T* __restrict s1, int n, int off,
+                                  int16_t* __restrict o) {
+    unsigned acc = 0;
+    uint32_t* __restrict o32 = reinterpret_cast<uint32_t*>(o);  // rings are 4-byte aligned per pair
+    if (s1) {
+        for (int i = 0; i < n; ++i) {
+            acc |= (unsigned)s0[i] | (unsigned)s1[i];
+            o32[i] = (uint32_t)(uint16_t)((int)s0[i] - off) | ((uint32_t)(uint16_t)((int)s1[i] - off) << 16);
+        }
+    } else {
+        for (int i = 0; i < n; ++i) {
+            acc |= s0[i];
+            o32[i] = (uint32_t)(uint16_t)((int)s0[i] - off);
+        }
+    }
+    return acc;
+}
+template <typename T>
+static inline void io_add(const T* __restrict s, const int16_t* __restrict r, int n, int maxv, T* __restrict d) {
+    for (int i = 0; i < n; ++i) {
+        const int v = (int)s[i] + (int)r[i];
+        d[i] = (T)std::min(std::max(v, 0), maxv);
+    }
+}
+template <typename T>
+static inline void io_add2(const T* __restrict s, const int16_t* __restrict r, int n, int maxv, T* __restrict d) {
+    for (int i = 0; i < n; ++i) {
+        const int v = (int)s[i] + (int)r[2 * i];
+        d[i] = (T)std::min(std::max(v, 0), maxv);
+    }
+}
+#endif
+
 // Stage 0 row r: packed columns [xa, xb) (inside the picture) as centred int16 channel pairs.
 // Returns OR of (sample >> bitdepth) for the range check of 16-bit containers.
 template <typename T>
@@ -580,43 +756,30 @@ static inline unsigned input_row(const Plan& P, const Pic<T>& pic, int r, int xa
     const int off = 1 << (pic.bd - 1);
     const int ph = P.ph, pw = P.pw, pp = ph * pw;
     const int H = pic.H, W = pic.W;
-    unsigned bad = 0;
-    const unsigned bd = (unsigned)pic.bd;
+    unsigned acc = 0;
     for (int p = 0; p < P.p0; ++p) {
-        int16_t* __restrict o = out + ((size_t)p * WB + ia) * 2;
+        int16_t* o = out + ((size_t)p * WB + ia) * 2;
         const int ch0 = 2 * p, ch1 = 2 * p + 1;
         if (pw == 2) {  // ch0, ch1 = dx 0, 1 of the same plane row: contiguous samples
             const int g = ch0 / pp, dy = (ch0 % pp) / pw;
             const int Y = std::min(r * ph + dy, H - 1);
-            const T* __restrict s = pic.src[g] + (ptrdiff_t)Y * pic.ss[g];
+            const T* s = pic.src[g] + (ptrdiff_t)Y * pic.ss[g];
             const int X0 = 2 * xa, X1 = 2 * xb, Xl = std::min(X1, W);
-            for (int X = X0; X < Xl; ++X) {
-                o[X - X0] = (int16_t)((int)s[X] - off);
-                if (sizeof(T) > 1) bad |= (unsigned)s[X] >> bd;
-            }
-            for (int X = Xl; X < X1; ++X) o[X - X0] = (int16_t)((int)s[W - 1] - off);
-            if (sizeof(T) > 1 && Xl < X1) bad |= (unsigned)s[W - 1] >> bd;
+            acc |= io_centre(s + X0, Xl - X0, off, o);
+            for (int X = Xl; X < X1; ++X) o[X - X0] = (int16_t)((int)s[W - 1] - off);  // right padding
+            if (Xl < X1) acc |= s[W - 1];
         } else {  // pw == 1: two rows / planes interleaved, or (sample, 0)
             const int g0 = ch0 / pp, dy0 = ch0 % pp;
-            const T* __restrict s0 = pic.src[g0] + (ptrdiff_t)std::min(r * ph + dy0, H - 1) * pic.ss[g0];
+            const T* s0 = pic.src[g0] + (ptrdiff_t)std::min(r * ph + dy0, H - 1) * pic.ss[g0];
+            const T* s1 = nullptr;
             if (ch1 < P.c0) {
                 const int g1 = ch1 / pp, dy1 = ch1 % pp;
-                const T* __restrict s1 = pic.src[g1] + (ptrdiff_t)std::min(r * ph + dy1, H - 1) * pic.ss[g1];
-                for (int x = xa; x < xb; ++x) {
-                    o[2 * (x - xa)] = (int16_t)((int)s0[x] - off);
-                    o[2 * (x - xa) + 1] = (int16_t)((int)s1[x] - off);
-                    if (sizeof(T) > 1) bad |= ((unsigned)s0[x] | (unsigned)s1[x]) >> bd;
-                }
-            } else {
-                for (int x = xa; x < xb; ++x) {
-                    o[2 * (x - xa)] = (int16_t)((int)s0[x] - off);
-                    o[2 * (x - xa) + 1] = 0;
-                    if (sizeof(T) > 1) bad |= (unsigned)s0[x] >> bd;
-                }
+                s1 = pic.src[g1] + (ptrdiff_t)std::min(r * ph + dy1, H - 1) * pic.ss[g1];
             }
+            acc |= io_centre2(s0 + xa, s1 ? s1 + xa : nullptr, xb - xa, off, o);
         }
     }
-    return bad;
+    return sizeof(T) > 1 ? acc >> pic.bd : 0u;
 }
 
 // Last stage row r (residual pairs, column x0 at index i0): dst = clip(src + r) for the samples of
@@ -627,18 +790,14 @@ static inline void output_row(const Plan& P, const Pic<T>& pic, int r, int x0, i
     const int maxv = (1 << pic.bd) - 1;
     const int ph = P.ph, pw = P.pw, pp = ph * pw;
     for (int p = 0; p < P.p0; ++p) {
-        const int16_t* __restrict rr = res + ((size_t)p * WB + i0) * 2;
+        const int16_t* rr = res + ((size_t)p * WB + i0) * 2;
         if (pw == 2) {
             const int ch0 = 2 * p, g = ch0 / pp, dy = (ch0 % pp) / pw;
             const int Y = r * ph + dy;
             if (Y >= pic.H) continue;
-            const T* __restrict s = pic.src[g] + (ptrdiff_t)Y * pic.ss[g];
-            T* __restrict d = pic.dst[g] + (ptrdiff_t)Y * pic.ds[g];
             const int X0 = 2 * x0, X1 = std::min(2 * x1, pic.W);
-            for (int X = X0; X < X1; ++X) {
-                int v = (int)s[X] + (int)rr[X - X0];
-                d[X] = (T)(v < 0 ? 0 : (v > maxv ? maxv : v));
-            }
+            io_add(pic.src[g] + (ptrdiff_t)Y * pic.ss[g] + X0, rr, X1 - X0, maxv,
+                   pic.dst[g] + (ptrdiff_t)Y * pic.ds[g] + X0);
         } else {
             for (int k = 0; k < 2; ++k) {
                 const int ch = 2 * p + k;
@@ -646,13 +805,8 @@ static inline void output_row(const Plan& P, const Pic<T>& pic, int r, int x0, i
                 const int g = ch / pp, dy = ch % pp;
                 const int Y = r * ph + dy;
                 if (Y >= pic.H) continue;
-                const T* __restrict s = pic.src[g] + (ptrdiff_t)Y * pic.ss[g];
-                T* __restrict d = pic.dst[g] + (ptrdiff_t)Y * pic.ds[g];
-                const int16_t* __restrict rk = rr + k;
-                for (int x = x0; x < x1; ++x) {
-                    int v = (int)s[x] + (int)rk[2 * (x - x0)];
-                    d[x] = (T)(v < 0 ? 0 : (v > maxv ? maxv : v));
-                }
+                io_add2(pic.src[g] + (ptrdiff_t)Y * pic.ss[g] + x0, rr + k, x1 - x0, maxv,
+                        pic.dst[g] + (ptrdiff_t)Y * pic.ds[g] + x0);
             }
         }
     }
@@ -721,6 +875,8 @@ static inline V vdot(V acc, V x, int32_t w) { return _mm512_dpwssd_epi32(acc, x,
 static inline V vdot2(V acc, V x, V w) { return _mm512_dpwssd_epi32(acc, x, w); }
 static inline V vbcast(int32_t w) { return _mm512_set1_epi32(w); }
 static inline V vloadw(const int32_t* p) { return _mm512_load_si512((const void*)p); }
+static inline V vsra(V acc, int32_t s) { return _mm512_srav_epi32(acc, _mm512_set1_epi32(s)); }  // s > 31: sign
+static inline V vkeep(V z, bool keep) { return _mm512_maskz_mov_epi32((__mmask16)(0u - (unsigned)keep), z); }
 
 // z (int32, pixel order) from 16 int32 accumulators, high-dword form.
 static inline V rq_fast(V acc, int64_t M, int64_t B) {
@@ -760,6 +916,8 @@ static inline V vdot(V acc, V x, int32_t w) { return _mm256_add_epi32(acc, _mm25
 static inline V vdot2(V acc, V x, V w) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
 static inline V vbcast(int32_t w) { return _mm256_set1_epi32(w); }
 static inline V vloadw(const int32_t* p) { return _mm256_load_si256((const __m256i*)p); }
+static inline V vsra(V acc, int32_t s) { return _mm256_srav_epi32(acc, _mm256_set1_epi32(s)); }  // s > 31: sign
+static inline V vkeep(V z, bool keep) { return _mm256_and_si256(z, _mm256_set1_epi32(-(int)keep)); }
 
 static inline V rq_fast(V acc, int64_t M, int64_t B) {
     const V vm = _mm256_set1_epi64x(M), vb = _mm256_set1_epi64x(B);
@@ -789,20 +947,32 @@ static inline V pair(V z0, V z1, bool relu) {
 
 #if NLF_VW > 1  // ------------------------------------------------- SIMD row kernels (shared)
 
+// An empty asm that "changes" p: loads through p cannot be hoisted out of the caller's loops.
+template <typename P>
+static inline void hide(P*& p) {
+    __asm__("" : "+r"(p));
+}
+
 // Row kernels compute NLF_VW-column vectors starting at ring index i0 (a multiple of 16) and store
 // whole vectors (columns past the requested range are computed from whatever the rings hold there
 // and never read as valid data). Depth-wise input rows are indexed so that input index i + dx holds
 // column x + dx - 1 of output index i (the input stage's ring origin is one column further left).
 
-template <bool FAST>
+template <int RQ>
 static inline V rq(V acc, const LayerPlan& L, int f) {
-    if (FAST) return rq_fast(acc, L.fm[f], L.fb[f]);
+    if (RQ == nlf::RQ_FOLD) return vsra(acc, L.s32[f]);
+    if (RQ == nlf::RQ_HIGH) return rq_fast(acc, L.fm[f], L.fb[f]);
     return rq_general(acc, L.mult[f], L.bround[f], L.shift[f], L.lo, L.hi);
+}
+// the accumulator of channel f before the first product (RQ_FOLD starts from bias + round)
+template <int RQ>
+static inline V acc0(const LayerPlan& L, int f) {
+    return RQ == nlf::RQ_FOLD ? vbcast(L.b32[f]) : vzero();
 }
 
 // Point-wise layer: NB pixel vectors per iteration share the weight broadcasts; PIN input pairs held
 // in registers (PIN = 0: any number of pairs, read from the ring).
-template <bool FAST, int PIN, int NB>
+template <int RQ, int PIN, int NB>
 static inline void pw_block(const LayerPlan& L, const int16_t* __restrict in, int16_t* __restrict out, size_t ps,
                             size_t i) {
     const int pin = PIN ? PIN : L.pin;
@@ -815,7 +985,11 @@ static inline void pw_block(const LayerPlan& L, const int16_t* __restrict in, in
         const int32_t* w0 = wp + (size_t)(2 * q) * pin;
         const int32_t* w1 = w0 + pin;
         V a0[NB], a1[NB];
-        for (int b = 0; b < NB; ++b) a0[b] = a1[b] = vzero();
+        const V i0v = acc0<RQ>(L, 2 * q), i1v = acc0<RQ>(L, 2 * q + 1);
+        for (int b = 0; b < NB; ++b) {
+            a0[b] = i0v;
+            a1[b] = i1v;
+        }
         for (int j = 0; j < pin; ++j) {
             const int32_t c0 = w0[j], c1 = w1[j];
             for (int b = 0; b < NB; ++b) {
@@ -826,23 +1000,26 @@ static inline void pw_block(const LayerPlan& L, const int16_t* __restrict in, in
         }
         for (int b = 0; b < NB; ++b)
             vstore(out + q * ps + i + b * 2 * NLF_VW,
-                   pair(rq<FAST>(a0[b], L, 2 * q), rq<FAST>(a1[b], L, 2 * q + 1), L.relu));
+                   pair(rq<RQ>(a0[b], L, 2 * q), rq<RQ>(a1[b], L, 2 * q + 1), L.relu));
     }
 }
 
-template <bool FAST, int PIN>
+template <int RQ, int PIN>
 static void pw_row_t(const LayerPlan& L, const int16_t* in, int16_t* out, int WB, int i0, int nvec) {
     const size_t ps = (size_t)WB * 2;  // int16 elements between pairs
     int v = 0;
-    for (; v + 2 <= nvec; v += 2) pw_block<FAST, PIN, 2>(L, in, out, ps, (size_t)(i0 + NLF_VW * v) * 2);
-    if (v < nvec) pw_block<FAST, PIN, 1>(L, in, out, ps, (size_t)(i0 + NLF_VW * v) * 2);
+    for (; v + 2 <= nvec; v += 2) pw_block<RQ, PIN, 2>(L, in, out, ps, (size_t)(i0 + NLF_VW * v) * 2);
+    if (v < nvec) pw_block<RQ, PIN, 1>(L, in, out, ps, (size_t)(i0 + NLF_VW * v) * 2);
 }
 
 template <int NB>
 static inline void dw_block(const V (&W)[18], const int16_t* r0, const int16_t* r1, const int16_t* r2, size_t i,
-                            V (&a0)[2], V (&a1)[2]) {
+                            V i0v, V i1v, V (&a0)[2], V (&a1)[2]) {
     const int16_t* rr[3] = {r0 + i, r1 + i, r2 + i};
-    for (int b = 0; b < NB; ++b) a0[b] = a1[b] = vzero();
+    for (int b = 0; b < NB; ++b) {
+        a0[b] = i0v;
+        a1[b] = i1v;
+    }
     for (int dy = 0; dy < 3; ++dy)
         for (int dx = 0; dx < 3; ++dx)
             for (int b = 0; b < NB; ++b) {
@@ -852,7 +1029,7 @@ static inline void dw_block(const V (&W)[18], const int16_t* r0, const int16_t* 
             }
 }
 
-template <bool FAST>
+template <int RQ>
 static void dw_row_t(const LayerPlan& L, const int16_t* const rows[3], int16_t* out, int WB, int i0, int nvec) {
     const size_t ps = (size_t)WB * 2;
     for (int q = 0; q < L.pout; ++q) {
@@ -863,51 +1040,54 @@ static void dw_row_t(const LayerPlan& L, const int16_t* const rows[3], int16_t* 
         const int16_t* r1 = rows[1] + q * ps;
         const int16_t* r2 = rows[2] + q * ps;
         int16_t* o = out + q * ps;
+        const V i0v = acc0<RQ>(L, 2 * q), i1v = acc0<RQ>(L, 2 * q + 1);
         int v = 0;
         V a0[2], a1[2];
         for (; v + 2 <= nvec; v += 2) {
             const size_t i = (size_t)(i0 + NLF_VW * v) * 2;
-            dw_block<2>(W, r0, r1, r2, i, a0, a1);
+            dw_block<2>(W, r0, r1, r2, i, i0v, i1v, a0, a1);
             for (int b = 0; b < 2; ++b)
                 vstore(o + i + b * 2 * NLF_VW,
-                       pair(rq<FAST>(a0[b], L, 2 * q), rq<FAST>(a1[b], L, 2 * q + 1), L.relu));
+                       pair(rq<RQ>(a0[b], L, 2 * q), rq<RQ>(a1[b], L, 2 * q + 1), L.relu));
         }
         if (v < nvec) {
             const size_t i = (size_t)(i0 + NLF_VW * v) * 2;
-            dw_block<1>(W, r0, r1, r2, i, a0, a1);
-            vstore(o + i, pair(rq<FAST>(a0[0], L, 2 * q), rq<FAST>(a1[0], L, 2 * q + 1), L.relu));
+            dw_block<1>(W, r0, r1, r2, i, i0v, i1v, a0, a1);
+            vstore(o + i, pair(rq<RQ>(a0[0], L, 2 * q), rq<RQ>(a1[0], L, 2 * q + 1), L.relu));
         }
     }
 }
 
-template <bool FAST>
+template <int RQ>
 static void pw_dispatch(const LayerPlan& L, const int16_t* in, int16_t* out, int WB, int i0, int nvec) {
     switch (L.pin) {
-        case 1: return pw_row_t<FAST, 1>(L, in, out, WB, i0, nvec);
-        case 2: return pw_row_t<FAST, 2>(L, in, out, WB, i0, nvec);
-        case 3: return pw_row_t<FAST, 3>(L, in, out, WB, i0, nvec);
-        case 4: return pw_row_t<FAST, 4>(L, in, out, WB, i0, nvec);
-        case 5: return pw_row_t<FAST, 5>(L, in, out, WB, i0, nvec);
-        case 6: return pw_row_t<FAST, 6>(L, in, out, WB, i0, nvec);
-        case 8: return pw_row_t<FAST, 8>(L, in, out, WB, i0, nvec);
-        default: return pw_row_t<FAST, 0>(L, in, out, WB, i0, nvec);
+        case 1: return pw_row_t<RQ, 1>(L, in, out, WB, i0, nvec);
+        case 2: return pw_row_t<RQ, 2>(L, in, out, WB, i0, nvec);
+        case 3: return pw_row_t<RQ, 3>(L, in, out, WB, i0, nvec);
+        case 4: return pw_row_t<RQ, 4>(L, in, out, WB, i0, nvec);
+        case 5: return pw_row_t<RQ, 5>(L, in, out, WB, i0, nvec);
+        case 6: return pw_row_t<RQ, 6>(L, in, out, WB, i0, nvec);
+        case 8: return pw_row_t<RQ, 8>(L, in, out, WB, i0, nvec);
+        default: return pw_row_t<RQ, 0>(L, in, out, WB, i0, nvec);
     }
 }
 
 static void pw_row(const LayerPlan& L, const int16_t* in, int16_t* out, int WB, int i0, int n) {
     const int nvec = (n + NLF_VW - 1) / NLF_VW;
-    if (L.fast)
-        pw_dispatch<true>(L, in, out, WB, i0, nvec);
-    else
-        pw_dispatch<false>(L, in, out, WB, i0, nvec);
+    switch (L.rq) {
+        case nlf::RQ_FOLD: return pw_dispatch<nlf::RQ_FOLD>(L, in, out, WB, i0, nvec);
+        case nlf::RQ_HIGH: return pw_dispatch<nlf::RQ_HIGH>(L, in, out, WB, i0, nvec);
+        default: return pw_dispatch<nlf::RQ_GENERAL>(L, in, out, WB, i0, nvec);
+    }
 }
 
 static void dw_row(const LayerPlan& L, const int16_t* const rows[3], int16_t* out, int WB, int i0, int n) {
     const int nvec = (n + NLF_VW - 1) / NLF_VW;
-    if (L.fast)
-        dw_row_t<true>(L, rows, out, WB, i0, nvec);
-    else
-        dw_row_t<false>(L, rows, out, WB, i0, nvec);
+    switch (L.rq) {
+        case nlf::RQ_FOLD: return dw_row_t<nlf::RQ_FOLD>(L, rows, out, WB, i0, nvec);
+        case nlf::RQ_HIGH: return dw_row_t<nlf::RQ_HIGH>(L, rows, out, WB, i0, nvec);
+        default: return dw_row_t<nlf::RQ_GENERAL>(L, rows, out, WB, i0, nvec);
+    }
 }
 
 
@@ -918,13 +1098,36 @@ static void dw_row(const LayerPlan& L, const int16_t* const rows[3], int16_t* ou
 
 // point-wise layer on rows (r, r+1), CP input -> VP output (channel rows f = 0..2*pout-1);
 // rows flagged invalid (outside the picture) are stored as 0: the next depth-wise layer's padding
-template <bool FAST, int PIN>
+// FB output channels x 2 rows per block: 2*FB independent accumulator chains (VPDPWSSD has a latency
+// of ~5 cycles and two ports, so about ten chains must be in flight to keep both busy)
+template <int RQ, int PIN, int FB>
+static inline void pw2_vp_block(const LayerPlan& L, const V (&X0)[PIN ? PIN : 1], const V (&X1)[PIN ? PIN : 1],
+                                const int16_t* in0, const int16_t* in1, int16_t* out, size_t ps, size_t i, int f,
+                                int pin, bool valid0, bool valid1) {
+    const int32_t* wp = L.wp.data() + (size_t)f * pin;
+    hide(wp);  // keeps the compiler from hoisting (and spilling) the weights of every block
+    V a0[FB], a1[FB];
+    for (int k = 0; k < FB; ++k) a0[k] = a1[k] = acc0<RQ>(L, f + k);
+    for (int j = 0; j < pin; ++j) {
+        const V x0 = PIN ? X0[PIN ? j : 0] : vload(in0 + j * ps + i);
+        const V x1 = PIN ? X1[PIN ? j : 0] : vload(in1 + j * ps + i);
+        for (int k = 0; k < FB; ++k) {
+            const V w = vbcast(wp[(size_t)k * pin + j]);
+            a0[k] = vdot2(a0[k], x0, w);
+            a1[k] = vdot2(a1[k], x1, w);
+        }
+    }
+    for (int k = 0; k < FB; ++k)
+        vstore(out + (f + k) * ps + i,
+               pair(vkeep(rq<RQ>(a0[k], L, f + k), valid0), vkeep(rq<RQ>(a1[k], L, f + k), valid1), L.relu));
+}
+
+template <int RQ, int PIN>
 static void pw2_vp_t(const LayerPlan& L, const int16_t* in0, const int16_t* in1, int16_t* out, int WB, int i0,
                      int nvec, bool valid0, bool valid1) {
     const int pin = PIN ? PIN : L.pin;
     const size_t ps = (size_t)WB * 2;
-    const int32_t* __restrict wp = L.wp.data();
-    const V zero = vzero();
+    const int nf = 2 * L.pout;
     for (int v = 0; v < nvec; ++v) {
         const size_t i = (size_t)(i0 + NLF_VW * v) * 2;
         V X0[PIN ? PIN : 1], X1[PIN ? PIN : 1];
@@ -933,46 +1136,37 @@ static void pw2_vp_t(const LayerPlan& L, const int16_t* in0, const int16_t* in1,
                 X0[j] = vload(in0 + j * ps + i);
                 X1[j] = vload(in1 + j * ps + i);
             }
-        for (int f = 0; f < 2 * L.pout; ++f) {
-            const int32_t* w = wp + (size_t)f * pin;
-            V a0 = vzero(), a1 = vzero();
-            for (int j = 0; j < pin; ++j) {
-                const V x0 = PIN ? X0[PIN ? j : 0] : vload(in0 + j * ps + i);
-                const V x1 = PIN ? X1[PIN ? j : 0] : vload(in1 + j * ps + i);
-                a0 = vdot(a0, x0, w[j]);
-                a1 = vdot(a1, x1, w[j]);
-            }
-            const V z0 = valid0 ? rq<FAST>(a0, L, f) : zero;
-            const V z1 = valid1 ? rq<FAST>(a1, L, f) : zero;
-            vstore(out + f * ps + i, pair(z0, z1, L.relu));
-        }
+        int f = 0;
+        for (; f + 4 <= nf; f += 4) pw2_vp_block<RQ, PIN, 4>(L, X0, X1, in0, in1, out, ps, i, f, pin, valid0, valid1);
+        if (f < nf) pw2_vp_block<RQ, PIN, 2>(L, X0, X1, in0, in1, out, ps, i, f, pin, valid0, valid1);
     }
 }
 
-template <bool FAST>
+template <int RQ>
 static void pw2_vp_dispatch(const LayerPlan& L, const int16_t* in0, const int16_t* in1, int16_t* out, int WB,
                             int i0, int nvec, bool valid0, bool valid1) {
     switch (L.pin) {
-        case 1: return pw2_vp_t<FAST, 1>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
-        case 2: return pw2_vp_t<FAST, 2>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
-        case 4: return pw2_vp_t<FAST, 4>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
-        case 6: return pw2_vp_t<FAST, 6>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
-        case 8: return pw2_vp_t<FAST, 8>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
-        default: return pw2_vp_t<FAST, 0>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        case 1: return pw2_vp_t<RQ, 1>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        case 2: return pw2_vp_t<RQ, 2>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        case 4: return pw2_vp_t<RQ, 4>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        case 6: return pw2_vp_t<RQ, 6>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        case 8: return pw2_vp_t<RQ, 8>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        default: return pw2_vp_t<RQ, 0>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
     }
 }
 
 static void pw2_vp(const LayerPlan& L, const int16_t* in0, const int16_t* in1, int16_t* out, int WB, int i0, int n,
                    bool valid0, bool valid1) {
     const int nvec = (n + NLF_VW - 1) / NLF_VW;
-    if (L.fast)
-        pw2_vp_dispatch<true>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
-    else
-        pw2_vp_dispatch<false>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+    switch (L.rq) {
+        case nlf::RQ_FOLD: return pw2_vp_dispatch<nlf::RQ_FOLD>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        case nlf::RQ_HIGH: return pw2_vp_dispatch<nlf::RQ_HIGH>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+        default: return pw2_vp_dispatch<nlf::RQ_GENERAL>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+    }
 }
 
 // depth-wise layer on rows (r, r+1): VP input slots A = (r-1, r), B = (r+1, r+2) -> CP rows out0, out1
-template <bool FAST>
+template <int RQ>
 static void dw2_t(const LayerPlan& L, const int16_t* A, const int16_t* B, int16_t* out0, int16_t* out1, int WB,
                   int i0, int nvec) {
     const size_t ps = (size_t)WB * 2;
@@ -981,30 +1175,50 @@ static void dw2_t(const LayerPlan& L, const int16_t* A, const int16_t* B, int16_
         const int32_t* w0 = L.wvp.data() + (size_t)c0 * 12;
         const int32_t* w1 = L.wvp.data() + (size_t)c1 * 12;
         const int16_t *a0p = A + c0 * ps, *b0p = B + c0 * ps, *a1p = A + c1 * ps, *b1p = B + c1 * ps;
-        for (int v = 0; v < nvec; ++v) {
-            const size_t i = (size_t)(i0 + NLF_VW * v) * 2;
-            V s00 = vzero(), s01 = vzero(), s10 = vzero(), s11 = vzero();  // s<channel><row>
-            for (int dx = 0; dx < 3; ++dx) {
-                const V xa0 = vload(a0p + i + 2 * dx), xb0 = vload(b0p + i + 2 * dx);
-                const V xa1 = vload(a1p + i + 2 * dx), xb1 = vload(b1p + i + 2 * dx);
-                s00 = vdot(vdot(s00, xa0, w0[dx * 4 + 0]), xb0, w0[dx * 4 + 1]);
-                s01 = vdot(vdot(s01, xa0, w0[dx * 4 + 2]), xb0, w0[dx * 4 + 3]);
-                s10 = vdot(vdot(s10, xa1, w1[dx * 4 + 0]), xb1, w1[dx * 4 + 1]);
-                s11 = vdot(vdot(s11, xa1, w1[dx * 4 + 2]), xb1, w1[dx * 4 + 3]);
+        const V init0 = acc0<RQ>(L, c0), init1 = acc0<RQ>(L, c1);
+        // NB vectors per step: 4*NB independent accumulator chains
+        auto step = [&](auto nb, size_t i) {
+            constexpr int NB = decltype(nb)::value;
+            V s00[NB], s01[NB], s10[NB], s11[NB];  // s<channel><row>
+            for (int b = 0; b < NB; ++b) {
+                s00[b] = s01[b] = init0;
+                s10[b] = s11[b] = init1;
             }
-            vstore(out0 + q * ps + i, pair(rq<FAST>(s00, L, c0), rq<FAST>(s10, L, c1), L.relu));
-            vstore(out1 + q * ps + i, pair(rq<FAST>(s01, L, c0), rq<FAST>(s11, L, c1), L.relu));
-        }
+            for (int dx = 0; dx < 3; ++dx) {
+                const V u0 = vbcast(w0[dx * 4 + 0]), u1 = vbcast(w0[dx * 4 + 1]);
+                const V u2 = vbcast(w0[dx * 4 + 2]), u3 = vbcast(w0[dx * 4 + 3]);
+                const V t0 = vbcast(w1[dx * 4 + 0]), t1 = vbcast(w1[dx * 4 + 1]);
+                const V t2 = vbcast(w1[dx * 4 + 2]), t3 = vbcast(w1[dx * 4 + 3]);
+                for (int b = 0; b < NB; ++b) {
+                    const size_t o = i + 2 * dx + b * 2 * NLF_VW;
+                    const V xa0 = vload(a0p + o), xb0 = vload(b0p + o);
+                    const V xa1 = vload(a1p + o), xb1 = vload(b1p + o);
+                    s00[b] = vdot2(vdot2(s00[b], xa0, u0), xb0, u1);
+                    s01[b] = vdot2(vdot2(s01[b], xa0, u2), xb0, u3);
+                    s10[b] = vdot2(vdot2(s10[b], xa1, t0), xb1, t1);
+                    s11[b] = vdot2(vdot2(s11[b], xa1, t2), xb1, t3);
+                }
+            }
+            for (int b = 0; b < NB; ++b) {
+                const size_t o = i + b * 2 * NLF_VW;
+                vstore(out0 + q * ps + o, pair(rq<RQ>(s00[b], L, c0), rq<RQ>(s10[b], L, c1), L.relu));
+                vstore(out1 + q * ps + o, pair(rq<RQ>(s01[b], L, c0), rq<RQ>(s11[b], L, c1), L.relu));
+            }
+        };
+        int v = 0;
+        for (; v + 2 <= nvec; v += 2) step(std::integral_constant<int, 2>(), (size_t)(i0 + NLF_VW * v) * 2);
+        if (v < nvec) step(std::integral_constant<int, 1>(), (size_t)(i0 + NLF_VW * v) * 2);
     }
 }
 
 static void dw2(const LayerPlan& L, const int16_t* A, const int16_t* B, int16_t* out0, int16_t* out1, int WB, int i0,
                 int n) {
     const int nvec = (n + NLF_VW - 1) / NLF_VW;
-    if (L.fast)
-        dw2_t<true>(L, A, B, out0, out1, WB, i0, nvec);
-    else
-        dw2_t<false>(L, A, B, out0, out1, WB, i0, nvec);
+    switch (L.rq) {
+        case nlf::RQ_FOLD: return dw2_t<nlf::RQ_FOLD>(L, A, B, out0, out1, WB, i0, nvec);
+        case nlf::RQ_HIGH: return dw2_t<nlf::RQ_HIGH>(L, A, B, out0, out1, WB, i0, nvec);
+        default: return dw2_t<nlf::RQ_GENERAL>(L, A, B, out0, out1, WB, i0, nvec);
+    }
 }
 
 // Row-pair pipeline for one item (SIMD code paths, networks with P.vp). Stage s computes the row pair

@@ -122,6 +122,12 @@ NLF_API int32_t nlf_cpu_isa_supported(int32_t isa);
 /* Filter one channel group. threads <= 0: all hardware threads. isa: NLF_ISA_AUTO or a forced one. */
 NLF_API int32_t nlf_cpu_filter(const nlf_network *net, const nlf_planes *planes, int32_t threads,
                                int32_t isa);
+/* Requantisation forms (NLF_RQ_*) the SIMD code paths use for each layer of net at this bit depth:
+ * forms[i] for i < min(n, nlayers). A diagnostic for tests and benchmarks; the output never depends on it. */
+#define NLF_RQ_GENERAL 0 /* 64-bit product, arithmetic shift, clamp */
+#define NLF_RQ_HIGH 1    /* high dword of acc*M + B (shift <= 32 and the bounds allow) */
+#define NLF_RQ_FOLD 2    /* multiplier folded into int16 weights, 32-bit accumulation from bias + round, shift */
+NLF_API int32_t nlf_cpu_requant_forms(const nlf_network *net, int32_t bitdepth, int32_t *forms, int32_t n);
 
 /* --- CUDA (filter_cuda.cu) ----------------------------------------------------------------- */
 /* Number of usable CUDA devices (0 if none or no driver); negative NLF_ERR_* on runtime failure. */

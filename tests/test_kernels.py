@@ -158,6 +158,68 @@ def test_extreme_networks(kernel: kernels.Kernel, mode: str, group: Group) -> No
             _assert_same(kernel, planes, net, bd)
 
 
+def _fold_network(rng: np.random.Generator, group: Group, packing: Packing, arch: Architecture,
+                  edge: bool) -> IntNetwork:
+    """Networks whose every layer takes the folded requantisation (multiplier folded into int16
+    weights, 32-bit accumulation): the ranges the encoder signals, or (edge) the limits of that form:
+    w·mult near ±32767 and accumulator bounds near 2^30, shifts 0 and 32..52 (arithmetic shift
+    by more than 31 is the sign), biases that saturate both clamps."""
+    if not edge:
+        return reference.random_network(rng, group, packing, arch, weight_max=31, mult_bits=4)
+    layers = []
+    for i, s in enumerate(arch.shapes(group, packing)):
+        taps = s.cin if s.kind == "pw" else 9
+        amax = 1 << 15 if i == 0 else reference.ACT_MAX
+        cout = s.cout
+        mult = rng.integers(1, 64, size=cout).astype(np.int64)
+        mult[rng.random(cout) < 0.15] = 0
+        # |w·mult| <= 32767 and sum |w|·mult·amax < 2^31 (with room for the bias below)
+        wmax = np.minimum(32767 // np.maximum(mult, 1), ((1 << 30) // amax) // (taps * np.maximum(mult, 1)))
+        wmax = np.maximum(wmax, 1)
+        w = np.stack([rng.choice([-int(m), int(m), 0, 1, -1], size=s.weight_shape[1:]) for m in wmax])
+        w = w.astype(np.int32)
+        shift = rng.choice([0, 1, 7, 15, 31, 32, 40, 52], size=cout).astype(np.int64)  # 52: |bias| <= 2^52
+        bias = rng.integers(-(1 << 29), 1 << 29, size=cout).astype(np.int64)
+        layers.append(IntLayer(s.kind, w, mult, bias - ((np.int64(1) << shift) >> 1), shift, s.relu))
+    net = IntNetwork(group, packing, tuple(layers))
+    net.validate()
+    return net
+
+
+@pytest.mark.parametrize("edge", [False, True], ids=["signalled-ranges", "edge"])
+@pytest.mark.parametrize("group", [Group.Y, Group.UV], ids=lambda g: g.name)
+def test_folded_requantisation(kernel: kernels.Kernel, group: Group, edge: bool) -> None:
+    """The cheapest requantisation form: taken for every layer (checked through the plan) and exact."""
+    rng = np.random.default_rng(77 + edge)
+    for packing, arch in ((Packing(1, 1), Architecture()), (Packing(1, 2), Architecture()),
+                          (Packing(2, 2), Architecture(3, 12)), (Packing(2, 1), Architecture(7, 9))):
+        net = _fold_network(rng, group, packing, arch, edge)
+        if isinstance(kernel, kernels.CpuKernel):
+            assert kernel.requant_forms(net, 10) == ["fold"] * len(net.layers)
+        for bd, shape in ((8, (23, 70)), (10, (9, 17)), (16, (12, 20))):
+            planes = _planes(rng, group, shape, bd)
+            planes[0][0, :] = (1 << bd) - 1
+            planes[-1][-1, :] = 0
+            _assert_same(kernel, planes, net, bd)
+
+
+def test_requant_forms_follow_the_bounds() -> None:
+    """The plan picks the cheapest exact form per layer: fold for the signalled ranges, the high-dword
+    form when folding could overflow 32 bits, the general 64-bit form for shifts above 32."""
+    if not HAVE_CPU:
+        pytest.skip("C++ kernel not built")
+    k = kernels.cpu_kernel(threads=1)
+    rng = np.random.default_rng(2)
+    small = reference.random_network(rng, Group.Y, Packing(1, 1), weight_max=31, mult_bits=4)
+    assert k.requant_forms(small, 8) == ["fold"] * 5
+    wide = reference.random_network(rng, Group.Y, Packing(1, 1))  # ±127 weights, 8-bit multipliers
+    assert "high" in k.requant_forms(wide, 8)
+    general = _extreme_network(rng, Group.Y, Packing(1, 1), Architecture(), "general")
+    assert k.requant_forms(general, 8) == ["general"] * 5
+    with pytest.raises(KernelError, match="bit depth"):
+        k.requant_forms(small, 7)
+
+
 def _single_layer_network(rng: np.random.Generator, group: Group, packing: Packing) -> IntNetwork:
     """One point-wise layer with a large gain: residuals beyond ±32768 of both signs."""
     c0 = group.planes * packing.size
