@@ -497,8 +497,7 @@ static int filter(const nlf_network* net, const nlf_planes* pl, int threads, int
     const int VW = vector_width(isa);
     if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
     threads = std::min(threads, 256);
-    static const int tw_env = std::getenv("NLF_TW") ? std::atoi(std::getenv("NLF_TW")) : 254;
-    const int tw_target = tw_env;
+    const int tw_target = 254;
     const int nstrips = std::max(1, (Wq + tw_target / 2) / tw_target);
     const int tw = (Wq + nstrips - 1) / nstrips;
     int nbands = 1;

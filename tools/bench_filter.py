@@ -6,7 +6,11 @@ same 1080p frame with PyAV, the target the CPU kernel should not exceed.
 Per resolution the paper's default 5-layer, 12-filter networks with its packings are filtered:
 luma 1x1 below 1080p, 1x2 at 1080p, 2x2 at >= 2560x1600; chroma 1x1 (4:2:0). Content is a random
 frame of the matching clip under /work/shared/sequences (or --sequences) when there is one, else
-random samples; the networks are reference.random_network (realistic ranges, not trained).
+random samples; the networks are reference.random_network, not trained filters: by default
+(--networks signalled) with the ranges the encoder signals with its default QuantConfig (6-bit
+weights, 4-bit scale significands), with --networks wide the wider ranges of the unit tests
+(±127 weights, 8-bit multipliers). The CPU kernel picks its requantisation per layer from these
+ranges (see requant_forms in the output); the work per pixel is otherwise the same.
 
 * kernel: hevc_ext.kernels (cpu; also cuda when a device is present). Times include packing, all
   layers, unpacking, the residual add and clipping, and (cuda) the host<->device copies.
@@ -52,6 +56,12 @@ CLIPS = {  # resolution -> clip (cropped when larger)
     (1280, 720): "TwoPeopleDesk_1280x720_30.yuv",
     (1920, 1080): "StreetTree_1920x1080_25.yuv",
     (2560, 1600): "CrowdRunCrop_2560x1600_50.yuv",
+}
+
+
+NETWORK_RANGES = {  # random_network keyword arguments per --networks choice
+    "signalled": {"weight_max": 31, "mult_bits": 4},  # default QuantConfig: 6-bit weights, S = 4
+    "wide": {"weight_max": 127, "mult_bits": 8},
 }
 
 
@@ -161,8 +171,9 @@ def bench_size(width: int, height: int, kern: kernels.Kernel, args: argparse.Nam
                rng: np.random.Generator, torch_ok: bool) -> dict[str, Any]:
     arch = Architecture()
     pk_y, pk_uv = luma_packing(width, height), Packing(1, 1)
-    net_y = reference.random_network(rng, Group.Y, pk_y, arch)
-    net_uv = reference.random_network(rng, Group.UV, pk_uv, arch)
+    ranges = NETWORK_RANGES[args.networks]
+    net_y = reference.random_network(rng, Group.Y, pk_y, arch, **ranges)
+    net_uv = reference.random_network(rng, Group.UV, pk_uv, arch, **ranges)
     frame = load_frame(seqdir, width, height, rng)
     macs = width * height * (arch.mac_per_pixel(Group.Y, pk_y) + arch.mac_per_pixel(Group.UV, pk_uv))
 
@@ -226,6 +237,8 @@ def bench_size(width: int, height: int, kern: kernels.Kernel, args: argparse.Nam
         "mac_per_frame": int(macs), "kernel_ms": round(kernel_ms, 3), "kernel_ms_best": round(best_ms, 3),
         "gmacs": round(macs / kernel_ms / 1e6, 2), "fps": round(1e3 / kernel_ms, 1),
     }
+    if isinstance(kern, kernels.CpuKernel):
+        row["requant_forms"] = {"y": kern.requant_forms(net_y, 8), "uv": kern.requant_forms(net_uv, 8)}
     if torch_ok:
         row["torch_ms"] = round(statistics.median(torch_times), 2)
         row["torch_ms_best"] = round(min(torch_times), 2)
@@ -254,7 +267,8 @@ def bench_size(width: int, height: int, kern: kernels.Kernel, args: argparse.Nam
 
 
 def print_table(res: dict[str, Any]) -> None:
-    print(f"# {res['kernel']} kernel ({res.get('isa', '')}), {res['threads']} threads, {res['machine']}; "
+    print(f"# {res['kernel']} kernel ({res.get('isa', '')}), {res['threads']} threads, {res['networks']} networks, "
+          f"{res['machine']}; "
           f"load average {res['loadavg_before'][0]} before, {res['loadavg_after'][0]} after")
     head = f"{'size':>10} {'Y/UV pack':>9} {'ms/frame':>9} {'(best)':>7} {'fps':>7} {'GMAC/s':>7} {'torch ms':>9} " \
            f"{'(best)':>7} {'x torch':>8} {'ref ms':>8} {'x ref':>7} {'bitexact':>8}"
@@ -300,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-decode", action="store_true", help="skip the PyAV decode timing")
     ap.add_argument("--sequences", type=Path, default=Path("/work/shared/sequences"), help="clips directory")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--networks", choices=tuple(NETWORK_RANGES), default="signalled",
+                    help="parameter ranges of the random networks: those the encoder signals by default, or "
+                         "the wider ones of the unit tests")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON results to this file")
     args = ap.parse_args(argv)
@@ -322,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     res: dict[str, Any] = {
         "kernel": kern.name, "isa": getattr(kern, "isa_name", None), "threads": args.threads,
+        "networks": args.networks,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}",
         "torch": __import__("torch").__version__ if torch_ok else None, "rows": [],
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
