@@ -876,6 +876,11 @@ static inline V vbcast(int32_t w) { return _mm512_set1_epi32(w); }
 static inline V vloadw(const int32_t* p) { return _mm512_load_si512((const void*)p); }
 static inline V vsra(V acc, int32_t s) { return _mm512_srav_epi32(acc, _mm512_set1_epi32(s)); }  // s > 31: sign
 static inline V vkeep(V z, bool keep) { return _mm512_maskz_mov_epi32((__mmask16)(0u - (unsigned)keep), z); }
+static inline V vbcast_fresh(const int32_t* p) {  // volatile: never merged with another broadcast of *p
+    V r;
+    __asm__ volatile("vpbroadcastd %1, %0" : "=v"(r) : "m"(*p));
+    return r;
+}
 
 // z (int32, pixel order) from 16 int32 accumulators, high-dword form.
 static inline V rq_fast(V acc, int64_t M, int64_t B) {
@@ -917,6 +922,7 @@ static inline V vbcast(int32_t w) { return _mm256_set1_epi32(w); }
 static inline V vloadw(const int32_t* p) { return _mm256_load_si256((const __m256i*)p); }
 static inline V vsra(V acc, int32_t s) { return _mm256_srav_epi32(acc, _mm256_set1_epi32(s)); }  // s > 31: sign
 static inline V vkeep(V z, bool keep) { return _mm256_and_si256(z, _mm256_set1_epi32(-(int)keep)); }
+static inline V vbcast_fresh(const int32_t* p) { return _mm256_set1_epi32(*p); }
 
 static inline V rq_fast(V acc, int64_t M, int64_t B) {
     const V vm = _mm256_set1_epi64x(M), vb = _mm256_set1_epi64x(B);
@@ -963,10 +969,11 @@ static inline V rq(V acc, const LayerPlan& L, int f) {
     if (RQ == nlf::RQ_HIGH) return rq_fast(acc, L.fm[f], L.fb[f]);
     return rq_general(acc, L.mult[f], L.bround[f], L.shift[f], L.lo, L.hi);
 }
-// the accumulator of channel f before the first product (RQ_FOLD starts from bias + round)
+// the accumulator of channel f before the first product (RQ_FOLD starts from bias + round); a fresh
+// broadcast load per accumulator (a load-port uop) rather than a register copy of one (a vector-ALU uop)
 template <int RQ>
 static inline V acc0(const LayerPlan& L, int f) {
-    return RQ == nlf::RQ_FOLD ? vbcast(L.b32[f]) : vzero();
+    return RQ == nlf::RQ_FOLD ? vbcast_fresh(&L.b32[f]) : vzero();
 }
 
 // Point-wise layer: NB pixel vectors per iteration share the weight broadcasts; PIN input pairs held
@@ -984,10 +991,9 @@ static inline void pw_block(const LayerPlan& L, const int16_t* __restrict in, in
         const int32_t* w0 = wp + (size_t)(2 * q) * pin;
         const int32_t* w1 = w0 + pin;
         V a0[NB], a1[NB];
-        const V i0v = acc0<RQ>(L, 2 * q), i1v = acc0<RQ>(L, 2 * q + 1);
         for (int b = 0; b < NB; ++b) {
-            a0[b] = i0v;
-            a1[b] = i1v;
+            a0[b] = acc0<RQ>(L, 2 * q);
+            a1[b] = acc0<RQ>(L, 2 * q + 1);
         }
         for (int j = 0; j < pin; ++j) {
             const int32_t c0 = w0[j], c1 = w1[j];
@@ -1106,7 +1112,10 @@ static inline void pw2_vp_block(const LayerPlan& L, const V (&X0)[PIN ? PIN : 1]
     const int32_t* wp = L.wp.data() + (size_t)f * pin;
     hide(wp);  // keeps the compiler from hoisting (and spilling) the weights of every block
     V a0[FB], a1[FB];
-    for (int k = 0; k < FB; ++k) a0[k] = a1[k] = acc0<RQ>(L, f + k);
+    for (int k = 0; k < FB; ++k) {
+        a0[k] = acc0<RQ>(L, f + k);
+        a1[k] = acc0<RQ>(L, f + k);
+    }
     for (int j = 0; j < pin; ++j) {
         const V x0 = PIN ? X0[PIN ? j : 0] : vload(in0 + j * ps + i);
         const V x1 = PIN ? X1[PIN ? j : 0] : vload(in1 + j * ps + i);
@@ -1174,14 +1183,15 @@ static void dw2_t(const LayerPlan& L, const int16_t* A, const int16_t* B, int16_
         const int32_t* w0 = L.wvp.data() + (size_t)c0 * 12;
         const int32_t* w1 = L.wvp.data() + (size_t)c1 * 12;
         const int16_t *a0p = A + c0 * ps, *b0p = B + c0 * ps, *a1p = A + c1 * ps, *b1p = B + c1 * ps;
-        const V init0 = acc0<RQ>(L, c0), init1 = acc0<RQ>(L, c1);
         // NB vectors per step: 4*NB independent accumulator chains
         auto step = [&](auto nb, size_t i) {
             constexpr int NB = decltype(nb)::value;
             V s00[NB], s01[NB], s10[NB], s11[NB];  // s<channel><row>
             for (int b = 0; b < NB; ++b) {
-                s00[b] = s01[b] = init0;
-                s10[b] = s11[b] = init1;
+                s00[b] = acc0<RQ>(L, c0);
+                s01[b] = acc0<RQ>(L, c0);
+                s10[b] = acc0<RQ>(L, c1);
+                s11[b] = acc0<RQ>(L, c1);
             }
             for (int dx = 0; dx < 3; ++dx) {
                 const V u0 = vbcast(w0[dx * 4 + 0]), u1 = vbcast(w0[dx * 4 + 1]);
