@@ -19,13 +19,20 @@
 //   The general row-by-row pipeline (channel pairs only; a depth-wise layer multiplies by (w, 0) and
 //   (0, w)) serves the scalar code path and networks with a depth-wise layer first or two in a row.
 //   Wrapping 32-bit accumulation is exact because validate() bounds every accumulator to int32.
-// * Requantisation z = (acc*mult + bias + round) >> shift needs 64 bits. At plan time every output
-//   channel is checked for the "high-dword" form: with M = mult << (32-shift) < 2^31 and
-//   B = (bias + round) << (32-shift), z = (acc*M + B) >> 32 exactly, and the per-channel accumulator
-//   bounds (from the weights and the input range) prove acc*M + B cannot overflow int64. Then
-//   z is the high dword of VPMULDQ + VPADDQ: 6 instructions per 16 outputs, no 64-bit shift or clamp,
-//   and the clamp comes free with the signed-saturating pack to int16 (plus a max with 0 for ReLU).
-//   Channels outside that form use the general path (VPSRAQ + 64-bit clamp), exact as well.
+// * Requantisation z = (acc*mult + bias + round) >> shift, in the cheapest of three forms the plan
+//   proves exact per layer (every channel of it; nlf_cpu_requant_forms reports the choice):
+//   - RQ_FOLD: every w*mult fits in int16 and the per-channel accumulator bounds (from the weights and
+//     the input range) keep acc*mult + bias + round inside int32. The multiplier is folded into the
+//     SIMD weights, the accumulators start at bias + round (br), and z = acc' >> shift is one 32-bit
+//     arithmetic shift per 16 outputs (a count of 32..62 gives the sign, the floor of |v| < 2^31).
+//     The networks the encoder signals with its default QuantConfig (4-bit scale significands, 6-bit
+//     weights) take this form (test_quantized_networks_take_the_folded_form).
+//   - RQ_HIGH: with M = mult << (32-shift) < 2^31 and B = br << (32-shift), z = (acc*M + B) >> 32
+//     exactly when the bounds prove acc*M + B cannot overflow int64: the high dword of VPMULDQ + VPADDQ,
+//     6 instructions per 16 outputs.
+//   - RQ_GENERAL: VPSRAQ and a 64-bit clamp (exact as well).
+//   In every form the clamp to int16 comes free with the signed-saturating pack (plus a max with 0 for
+//   ReLU). The scalar code path always uses the 64-bit definition.
 // * Instruction sets: AVX-512 (F/BW/DQ/VL/VNNI), AVX2 and portable scalar C++, chosen at run time
 //   (__builtin_cpu_supports). The row kernels and the pipeline are compiled once per instruction
 //   set by including this file into itself under "#pragma GCC target" (no per-file compiler flags

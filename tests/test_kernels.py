@@ -220,6 +220,30 @@ def test_requant_forms_follow_the_bounds() -> None:
         k.requant_forms(small, 7)
 
 
+@pytest.mark.parametrize("scale", [0.3, 1.0, 4.0])
+def test_quantized_networks_take_the_folded_form(scale: float) -> None:
+    """What the encoder signals (float network -> quantize with the default QuantConfig -> derive) runs
+    through the folded requantisation in every layer, at 8 and 10 bits, and stays exact."""
+    if not HAVE_CPU:
+        pytest.skip("C++ kernel not built")
+    from hevc_ext.quant import FloatLayer, FloatNetwork, QuantConfig, derive, quantize
+
+    k = kernels.cpu_kernel(threads=2)
+    rng = np.random.default_rng(int(scale * 10))
+    arch = Architecture()
+    for group in (Group.Y, Group.UV):
+        for packing in ALL_PACKINGS:
+            shapes = arch.shapes(group, packing)
+            layers = tuple(FloatLayer(s.kind, rng.normal(0, scale, s.weight_shape), rng.normal(0, 0.05, s.cout),
+                                      s.relu) for s in shapes)
+            act_max = [rng.uniform(0.2, 3.0, s.cout) * scale for s in shapes[:-1]]
+            q = quantize(FloatNetwork(group, packing, layers), arch, QuantConfig(), act_max)
+            for bd in (8, 10):
+                net = derive(q, bd)
+                assert k.requant_forms(net, bd) == ["fold"] * arch.layers, (group, packing, bd)
+                _assert_same(k, _planes(rng, group, (13, 38), bd), net, bd)
+
+
 def _single_layer_network(rng: np.random.Generator, group: Group, packing: Packing) -> IntNetwork:
     """One point-wise layer with a large gain: residuals beyond ±32768 of both signs."""
     c0 = group.planes * packing.size

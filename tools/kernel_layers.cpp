@@ -1,0 +1,65 @@
+// kernel_layers.cpp — cycles per packed pixel of each row kernel of the C++ filter (a tool, not a test).
+//
+// Includes kernels/filter_cpu.cpp to call its AVX-512 row kernels directly on L1/L2-resident rows
+// (one 5x12 network with the ranges the encoder signals, so every layer takes the folded
+// requantisation), best of 20 x 200 calls each, and converts to cycles with a clock calibrated by a
+// chain of dependent imul (3 cycles each). Run it several times and take the minimum on a shared
+// machine. Needs an AVX-512 VNNI CPU.
+//
+//   g++ -O3 -std=c++17 -pthread tools/kernel_layers.cpp -o kernel_layers && ./kernel_layers [columns]
+//   output per kernel: name, ns per call, ns per pixel, cycles per pixel, GHz
+#include "../kernels/filter_cpu.cpp"
+#include <chrono>
+#include <random>
+int main(int argc, char** argv) {
+    const int n = argc > 1 ? atoi(argv[1]) : 256;   // columns
+    std::mt19937 rng(1);
+    // network: pw 2->12, dw, pw 12->12, dw, pw 12->2 with small weights so it folds
+    std::vector<int32_t> w[5];
+    std::vector<int64_t> mult[5], bias[5], shift[5];
+    int cin[5] = {2, 12, 12, 12, 12}, cout_[5] = {12, 12, 12, 12, 2}, kind[5] = {0, 1, 0, 1, 0};
+    nlf_layer layers[5];
+    for (int l = 0; l < 5; ++l) {
+        int taps = kind[l] ? 9 : cin[l];
+        w[l].resize(cout_[l] * taps);
+        for (auto& x : w[l]) x = (int)(rng() % 63) - 31;
+        mult[l].assign(cout_[l], 13); bias[l].assign(cout_[l], 1000); shift[l].assign(cout_[l], 10);
+        layers[l] = nlf_layer{kind[l], cin[l], cout_[l], l < 4, w[l].data(), mult[l].data(), bias[l].data(), shift[l].data()};
+    }
+    nlf_network net{1, 1, 2, 5, layers};
+    nlf::Plan P;
+    if (nlf::build_plan(&net, 8, P)) { printf("plan: %s\n", nlf::g_last_error); return 1; }
+    for (int l = 0; l < 5; ++l) printf("layer %d requantisation form %d (2 = fold)\n", l + 1, P.L[l].rq);
+    const int WB = (nlf::LM + n + 16 + 2 + 15) / 16 * 16 + 16;
+    std::vector<int16_t> A(12 * WB * 2 + 64), B(12 * WB * 2 + 64), o0(6 * WB * 2 + 64), o1(6 * WB * 2 + 64), cp(6*WB*2+64), vp(12*WB*2+64);
+    for (auto* p : {&A, &B, &cp})
+        for (auto& x : *p) x = (int16_t)(rng() % 3000);
+    // calibration: a chain of dependent imul (3 cycles each)
+    double ghz = 0;
+    {
+        double best = 1e9;
+        for (int r = 0; r < 20; ++r) {
+            long n = 2000000, x = 0;
+            auto t = std::chrono::steady_clock::now();
+            for (long k = 0; k < n; ++k) __asm__ volatile("imul %0, %0\n imul %0, %0\n imul %0, %0\n imul %0, %0" : "+r"(x));
+            best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count() / (12.0 * n));
+        }
+        ghz = 1e-9 / best;
+    }
+    auto bench = [&](const char* name, auto fn, double pixels) {
+        for (int k = 0; k < 100; ++k) fn();
+        double best = 1e9;
+        for (int r = 0; r < 20; ++r) {
+            auto t = std::chrono::steady_clock::now();
+            for (int k = 0; k < 200; ++k) fn();
+            double d = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count() / 200;
+            best = std::min(best, d);
+        }
+        printf("%s %.1f %.3f %.2f %.2f\n", name, best * 1e9, best * 1e9 / pixels, best * ghz * 1e9 / pixels, ghz);
+    };
+    bench("dw2", [&] { nlf_avx512::dw2(P.L[1], A.data(), B.data(), o0.data(), o1.data(), WB, nlf::LM, n); }, 2.0 * n);
+    bench("pw2_vp_L3", [&] { nlf_avx512::pw2_vp(P.L[2], cp.data(), cp.data(), vp.data(), WB, nlf::LM, n, true, true); }, 2.0 * n);
+    bench("pw2_vp_L1", [&] { nlf_avx512::pw2_vp(P.L[0], cp.data(), cp.data(), vp.data(), WB, nlf::LM, n, true, true); }, 2.0 * n);
+    bench("pw_L5", [&] { nlf_avx512::pw_row(P.L[4], cp.data(), o0.data(), WB, nlf::LM, n); }, 1.0 * n);
+    return 0;
+}
