@@ -332,6 +332,9 @@ def test_every_cpu_code_path(isa: str) -> None:
         for mode in ("general", "mixed"):
             net = _extreme_network(rng, group, Packing(1, 2), Architecture(), mode)
             _assert_same(k, _planes(rng, group, (13, 40), 8), net, 8)
+        for edge in (False, True):  # the folded requantisation
+            net = _fold_network(rng, group, Packing(1, 2), Architecture(), edge)
+            _assert_same(k, _planes(rng, group, (13, 40), 10), net, 10)
 
 
 def test_thread_counts_agree() -> None:
