@@ -21,9 +21,13 @@
 //   1/2/4/8, MAXC = hidden channels 8/12/16/32), so every channel loop is unrolled and the per-pixel
 //   activations live in registers. Weights and per-channel constants sit in one device buffer read
 //   with warp-uniform addresses (broadcast through the read-only cache, 16-byte vector loads).
-// * Requantisation: per channel (mul, add, shift) with z = (acc*mul + add) >> shift in 64 bits,
-//   (mul, add, shift) = (mult, bias + round, shift) or, when exact, the high-dword form
-//   (mult << (32 - shift), (bias + round) << (32 - shift), 32) chosen on the host; then the clamp.
+// * Requantisation, per channel in the cheapest form the host proves exact (as in filter_cpu.cpp):
+//   folded — when the accumulator bounds keep acc*mult + bias + round inside int32, the multiplier is
+//   folded into the (int32) weights and z = (acc' + bias + round) >> min(shift, 31) in 32 bits (the
+//   form of the networks the encoder signals); otherwise z = (acc*mul + add) >> shift in 64 bits with
+//   (mul, add, shift) = (mult, bias + round, shift) or the high-dword form (mult << (32 - shift),
+//   (bias + round) << (32 - shift), 32). Then the clamp. The form is warp-uniform (one channel per
+//   instruction stream).
 // * Each segment body is a __host__ __device__ function of (block, thread): the kernel runs it for
 //   its threads between barriers. Threads of one segment never depend on each other.
 
@@ -60,12 +64,13 @@ static int fail(int code, const char* fmt, ...) {
 // Per-channel requantisation constants (32 bytes). mul < 2^31 always (mult <= 2^31 - 1, and the
 // high-dword form is only chosen when mult << (32 - shift) < 2^31), so acc*mul is one 32x32->64 IMAD.
 struct alignas(16) Chan {
-    long long add;
+    long long add;  // folded: bias + round (fits int32)
     int mul;
-    int shift;  // 32: high-dword form, z = high 32 bits of acc*mul + add
+    int shift;  // 32: high-dword form, z = high 32 bits of acc*mul + add; folded: min(shift, 31)
     int lo;
     int hi;
-    int pad[2];
+    int fold;   // 1: multiplier folded into the weights, z = (acc + add) >> shift in 32 bits
+    int pad;
 };
 
 struct LayerDev {
@@ -105,6 +110,10 @@ __host__ __device__ inline int requant(int acc, const Chan* cp) {
     const long long add = NLF_LDG(&cp->add);
     const int mul = NLF_LDG(&cp->mul), shift = NLF_LDG(&cp->shift);
     const int lo = NLF_LDG(&cp->lo), hi = NLF_LDG(&cp->hi);
+    if (NLF_LDG(&cp->fold)) {  // acc*mult + bias + round fits in int32 (host check): 32-bit add and shift
+        const int z = (int)((unsigned)acc + (unsigned)(int)add) >> shift;
+        return z < lo ? lo : (z > hi ? hi : z);
+    }
     // 32x32 -> 64 product plus a 64-bit add, wrapping (exact for valid inputs, see the host checks)
     const long long t = (long long)((unsigned long long)((long long)acc * (long long)mul) + (unsigned long long)add);
     int z;
@@ -383,7 +392,7 @@ static int build_plan(const nlf_network* net, const nlf_planes* pl, HostPlan& hp
         L.coff = (int)hp.chans.size();
         hp.chans.resize(hp.chans.size() + L.co);
         const int32_t lo = s.relu ? 0 : -32768, hi = 32767;
-        for (int f = L.coff; f < L.coff + L.co; ++f) hp.chans[f] = Chan{0, 0, 0, lo, hi, {0, 0}};
+        for (int f = L.coff; f < L.coff + L.co; ++f) hp.chans[f] = Chan{0, 0, 0, lo, hi, 0, 0};
         for (int f = 0; f < s.cout; ++f) {
             long long amin = 0, amax = 0;
             for (int k = 0; k < taps; ++k) {
@@ -408,7 +417,17 @@ static int build_plan(const nlf_network* net, const nlf_planes* pl, HostPlan& hp
             c.mul = (int)m;  // m <= 2^31 - 1
             c.add = br;
             c.shift = (int)sh;
-            if (sh <= 32) {  // high-dword form when exact: one 64-bit shift by 32 (cheaper on the GPU)
+            if ((__int128)amin * m + br >= INT32_MIN && (__int128)amax * m + br <= INT32_MAX) {
+                // folded: products and partial sums wrap consistently mod 2^32 and the final
+                // acc*m + br lies inside int32, so the 32-bit result is exact; a shift by >= 31 of a
+                // value with |v| < 2^31 is its sign, the floor of v / 2^shift
+                for (int k = 0; k < taps; ++k) {
+                    int& w = hp.wts[L.woff + (size_t)f * wrow + k];
+                    w = (int)(unsigned)((long long)w * m);
+                }
+                c.fold = 1;
+                c.shift = (int)std::min<long long>(sh, 31);
+            } else if (sh <= 32) {  // high-dword form when exact: one 64-bit shift by 32 (cheaper on the GPU)
                 const __int128 scale = (__int128)1 << (32 - sh);  // multiply: br may be negative
                 const __int128 M = (__int128)m * scale, B = (__int128)br * scale;
                 const __int128 u1 = (__int128)amin * M + B, u2 = (__int128)amax * M + B;

@@ -519,9 +519,12 @@ def test_cuda_kernel_logic_on_host() -> None:
     planes = _planes(rng, Group.UV, (19, 41), 8)
     for g, w in zip(kernels.cuda_check_host(planes, net, 8), reference.filter_planes(planes, net, 8)):
         assert np.array_equal(g, w)
-    for mode in ("general", "mixed", "saturate"):
-        net = _extreme_network(rng, Group.Y, Packing(1, 1), Architecture(), mode)
-        planes = _planes(rng, Group.Y, (18, 40), 10)
+    nets = [_extreme_network(rng, Group.Y, Packing(1, 1), Architecture(), mode)
+            for mode in ("general", "mixed", "saturate")]
+    nets += [_fold_network(rng, g, Packing(1, 2), Architecture(), edge) for g in (Group.Y, Group.UV)
+             for edge in (False, True)]  # the folded requantisation
+    for net in nets:
+        planes = _planes(rng, net.group, (18, 40), 10)
         for g, w in zip(kernels.cuda_check_host(planes, net, 10), reference.filter_planes(planes, net, 10)):
             assert np.array_equal(g, w)
 
