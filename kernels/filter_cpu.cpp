@@ -501,12 +501,13 @@ static int filter(const nlf_network* net, const nlf_planes* pl, int threads, int
 
     // work items: strips of ~254 packed columns (long rows amortise the per-row set-up; the rings of a
     // 5x12 network stay in L2), bands of rows for load balance between threads
-    const int VW = vector_width(isa);
     if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
     threads = std::min(threads, 256);
-    const int tw_target = 254;
-    const int nstrips = std::max(1, (Wq + tw_target / 2) / tw_target);
-    const int tw = (Wq + nstrips - 1) / nstrips;
+    const int VW = vector_width(isa);
+    // strip width: the widest stage (tw + 2*halo columns) fills whole vectors, ~256 columns
+    const int tw_target = std::max(VW, (256 + VW - 1) / VW * VW - 2 * P.halo);
+    const int nstrips = std::max(1, (Wq + tw_target - 1) / tw_target);
+    const int tw = nstrips == 1 ? Wq : tw_target;
     int nbands = 1;
     if (threads > 1) {  // ~8 items per thread: a descheduled thread delays the call by one small item
         nbands = (8 * threads + nstrips - 1) / nstrips;
