@@ -499,7 +499,7 @@ static int filter(const nlf_network* net, const nlf_planes* pl, int threads, int
     p8.Wq = p16.Wq = Wq;
     p8.bd = p16.bd = pl->bitdepth;
 
-    // work items: strips of ~254 packed columns (long rows amortise the per-row set-up; the rings of a
+    // work items: strips of ~256 packed columns (long rows amortise the per-row set-up; the rings of a
     // 5x12 network stay in L2), bands of rows for load balance between threads
     if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
     threads = std::min(threads, 256);
