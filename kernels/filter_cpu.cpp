@@ -977,6 +977,17 @@ static inline V rq(V acc, const LayerPlan& L, int f) {
     if (RQ == nlf::RQ_HIGH) return rq_fast(acc, L.fm[f], L.fb[f]);
     return rq_general(acc, L.mult[f], L.bround[f], L.shift[f], L.lo, L.hi);
 }
+// Calls fn(std::integral_constant<int, L.rq>()): the one place a layer's requantisation form becomes a
+// template argument of the row kernels.
+template <typename F>
+static inline void with_rq(const LayerPlan& L, F&& fn) {
+    switch (L.rq) {
+        case nlf::RQ_FOLD: return fn(std::integral_constant<int, nlf::RQ_FOLD>());
+        case nlf::RQ_HIGH: return fn(std::integral_constant<int, nlf::RQ_HIGH>());
+        default: return fn(std::integral_constant<int, nlf::RQ_GENERAL>());
+    }
+}
+
 // the accumulator of channel f before the first product (RQ_FOLD starts from bias + round); a fresh
 // broadcast load per accumulator (a load-port uop) rather than a register copy of one (a vector-ALU uop)
 template <int RQ>
@@ -1087,20 +1098,12 @@ static void pw_dispatch(const LayerPlan& L, const int16_t* in, int16_t* out, int
 
 static void pw_row(const LayerPlan& L, const int16_t* in, int16_t* out, int WB, int i0, int n) {
     const int nvec = (n + NLF_VW - 1) / NLF_VW;
-    switch (L.rq) {
-        case nlf::RQ_FOLD: return pw_dispatch<nlf::RQ_FOLD>(L, in, out, WB, i0, nvec);
-        case nlf::RQ_HIGH: return pw_dispatch<nlf::RQ_HIGH>(L, in, out, WB, i0, nvec);
-        default: return pw_dispatch<nlf::RQ_GENERAL>(L, in, out, WB, i0, nvec);
-    }
+    with_rq(L, [&](auto rq) { pw_dispatch<decltype(rq)::value>(L, in, out, WB, i0, nvec); });
 }
 
 static void dw_row(const LayerPlan& L, const int16_t* const rows[3], int16_t* out, int WB, int i0, int n) {
     const int nvec = (n + NLF_VW - 1) / NLF_VW;
-    switch (L.rq) {
-        case nlf::RQ_FOLD: return dw_row_t<nlf::RQ_FOLD>(L, rows, out, WB, i0, nvec);
-        case nlf::RQ_HIGH: return dw_row_t<nlf::RQ_HIGH>(L, rows, out, WB, i0, nvec);
-        default: return dw_row_t<nlf::RQ_GENERAL>(L, rows, out, WB, i0, nvec);
-    }
+    with_rq(L, [&](auto rq) { dw_row_t<decltype(rq)::value>(L, rows, out, WB, i0, nvec); });
 }
 
 
@@ -1174,11 +1177,9 @@ static void pw2_vp_dispatch(const LayerPlan& L, const int16_t* in0, const int16_
 static void pw2_vp(const LayerPlan& L, const int16_t* in0, const int16_t* in1, int16_t* out, int WB, int i0, int n,
                    bool valid0, bool valid1) {
     const int nvec = (n + NLF_VW - 1) / NLF_VW;
-    switch (L.rq) {
-        case nlf::RQ_FOLD: return pw2_vp_dispatch<nlf::RQ_FOLD>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
-        case nlf::RQ_HIGH: return pw2_vp_dispatch<nlf::RQ_HIGH>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
-        default: return pw2_vp_dispatch<nlf::RQ_GENERAL>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
-    }
+    with_rq(L, [&](auto rq) {
+        pw2_vp_dispatch<decltype(rq)::value>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
+    });
 }
 
 // depth-wise layer on rows (r, r+1): VP input slots A = (r-1, r), B = (r+1, r+2) -> CP rows out0, out1
@@ -1231,11 +1232,7 @@ static void dw2_t(const LayerPlan& L, const int16_t* A, const int16_t* B, int16_
 static void dw2(const LayerPlan& L, const int16_t* A, const int16_t* B, int16_t* out0, int16_t* out1, int WB, int i0,
                 int n) {
     const int nvec = (n + NLF_VW - 1) / NLF_VW;
-    switch (L.rq) {
-        case nlf::RQ_FOLD: return dw2_t<nlf::RQ_FOLD>(L, A, B, out0, out1, WB, i0, nvec);
-        case nlf::RQ_HIGH: return dw2_t<nlf::RQ_HIGH>(L, A, B, out0, out1, WB, i0, nvec);
-        default: return dw2_t<nlf::RQ_GENERAL>(L, A, B, out0, out1, WB, i0, nvec);
-    }
+    with_rq(L, [&](auto rq) { dw2_t<decltype(rq)::value>(L, A, B, out0, out1, WB, i0, nvec); });
 }
 
 // Row-pair pipeline for one item (SIMD code paths, networks with P.vp). Stage s computes the row pair

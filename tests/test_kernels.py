@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hevc_ext import kernels, nativebuild, reference
 from hevc_ext.arch import ALL_PACKINGS, Architecture, Group, Packing
 from hevc_ext.errors import KernelError, NlfError, UsageError
+from hevc_ext.quant import QuantConfig
 from hevc_ext.reference import IntLayer, IntNetwork
 
 HAVE_CPU = bool(kernels.cpu_isas())
@@ -119,6 +120,8 @@ def _custom_network(rng: np.random.Generator, group: Group, packing: Packing) ->
 
 
 SIZES = [(1, 1), (1, 7), (2, 2), (3, 5), (5, 3), (16, 16), (17, 33), (23, 140)]
+# random_network ranges of what the encoder signals with its default QuantConfig
+SIGNALLED = {"weight_max": QuantConfig().wmax, "mult_bits": QuantConfig().scale_bits}
 
 
 # ------------------------------------------------------------------------------- bit-exactness
@@ -165,7 +168,7 @@ def _fold_network(rng: np.random.Generator, group: Group, packing: Packing, arch
     w·mult near ±32767 and accumulator bounds near 2^30, shifts 0 and 32..52 (arithmetic shift
     by more than 31 is the sign), biases that saturate both clamps."""
     if not edge:
-        return reference.random_network(rng, group, packing, arch, weight_max=31, mult_bits=4)
+        return reference.random_network(rng, group, packing, arch, **SIGNALLED)
     layers = []
     for i, s in enumerate(arch.shapes(group, packing)):
         taps = s.cin if s.kind == "pw" else 9
@@ -210,7 +213,7 @@ def test_requant_forms_follow_the_bounds() -> None:
         pytest.skip("C++ kernel not built")
     k = kernels.cpu_kernel(threads=1)
     rng = np.random.default_rng(2)
-    small = reference.random_network(rng, Group.Y, Packing(1, 1), weight_max=31, mult_bits=4)
+    small = reference.random_network(rng, Group.Y, Packing(1, 1), **SIGNALLED)
     assert k.requant_forms(small, 8) == ["fold"] * 5
     wide = reference.random_network(rng, Group.Y, Packing(1, 1))  # ±127 weights, 8-bit multipliers
     assert "high" in k.requant_forms(wide, 8)
@@ -226,7 +229,7 @@ def test_quantized_networks_take_the_folded_form(scale: float) -> None:
     through the folded requantisation in every layer, at 8 and 10 bits, and stays exact."""
     if not HAVE_CPU:
         pytest.skip("C++ kernel not built")
-    from hevc_ext.quant import FloatLayer, FloatNetwork, QuantConfig, derive, quantize
+    from hevc_ext.quant import FloatLayer, FloatNetwork, derive, quantize
 
     k = kernels.cpu_kernel(threads=2)
     rng = np.random.default_rng(int(scale * 10))

@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from hevc_ext import kernels, reference  # noqa: E402
 from hevc_ext.arch import Architecture, Group, Packing  # noqa: E402
+from hevc_ext.quant import QuantConfig  # noqa: E402
 
 CPU_SIZES = ((416, 240), (832, 480), (1280, 720), (1920, 1080), (2560, 1600))
 GPU_SIZES = CPU_SIZES + ((3840, 2160),)
@@ -60,7 +61,8 @@ CLIPS = {  # resolution -> clip (cropped when larger)
 
 
 NETWORK_RANGES = {  # random_network keyword arguments per --networks choice
-    "signalled": {"weight_max": 31, "mult_bits": 4},  # default QuantConfig: 6-bit weights, S = 4
+    # the default QuantConfig: its largest weight; multipliers of S significand bits after layer 1
+    "signalled": {"weight_max": QuantConfig().wmax, "mult_bits": QuantConfig().scale_bits},
     "wide": {"weight_max": 127, "mult_bits": 8},
 }
 
