@@ -25,7 +25,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -267,6 +267,9 @@ class CpuKernel:
         return f"CpuKernel(isa={self.isa_name}, threads={self.threads or 'all'}, path={str(self.path)!r})"
 
 
+_TORCH_DTYPES = {"torch.uint8": np.dtype(np.uint8), "torch.uint16": np.dtype(np.uint16)}
+
+
 class CudaKernel:
     """The CUDA kernel (filter_cuda.cu): host arrays in and out, one launch per plane group.
 
@@ -305,6 +308,19 @@ class CudaKernel:
         ``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors), 2-D, uint8 (8-bit) or uint16,
         row-contiguous, all of one shape. Raises KernelError where the C++ path would fall back."""
         def view(a: object, what: str) -> tuple[int, tuple[int, int], np.dtype, int]:
+            if type(a).__module__.startswith("torch") and getattr(a, "is_cuda", False):
+                # PyTorch tensors directly: building their __cuda_array_interface__ costs more than the
+                # kernel launch for small pictures
+                t: Any = a
+                dt = _TORCH_DTYPES.get(str(t.dtype))
+                if t.dim() != 2 or dt is None:
+                    raise UsageError(f"{what}: a 2-D uint8/uint16 array expected, got shape {tuple(t.shape)} {t.dtype}")
+                st = t.stride()
+                if st[1] != 1 and t.shape[1] > 1:
+                    raise UsageError(f"{what}: rows must be contiguous (strides {st})")
+                if what.startswith("output") and t.requires_grad:
+                    raise UsageError(f"{what}: a tensor that requires grad cannot be written")
+                return int(t.data_ptr()), (int(t.shape[0]), int(t.shape[1])), dt, int(st[0])
             try:
                 cai = a.__cuda_array_interface__  # type: ignore[attr-defined]
             except AttributeError:
@@ -378,7 +394,7 @@ def _bind_cpu(lib: ctypes.CDLL) -> None:
 def _bind_cuda(lib: ctypes.CDLL) -> None:
     lib.nlf_cuda_device_count.restype = ctypes.c_int32
     lib.nlf_cuda_device_count.argtypes = []
-    for fn in (lib.nlf_cuda_filter, lib.nlf_cuda_check_host):
+    for fn in (lib.nlf_cuda_filter, lib.nlf_cuda_check_host, lib.nlf_cuda_kernel_path):
         fn.restype = ctypes.c_int32
         fn.argtypes = [ctypes.POINTER(_Network), ctypes.POINTER(_Planes)]
 
@@ -474,6 +490,21 @@ def cuda_check_host(planes: Sequence[np.ndarray], net: IntNetwork, bitdepth: int
     if rc != 0:
         raise _native_error(lib, "cuda (host check)", rc)
     return outs
+
+
+def cuda_kernel_path(net: IntNetwork, bitdepth: int) -> str:
+    """Which CUDA kernel filters ``net`` at ``bitdepth``: ``"fast"`` (the paper's pw·dw·pw·dw·pw shape with
+    at most 16 hidden channels, int8 weights and every requantisation exact in 32 bits — what the encoder
+    signals) or ``"generic"`` (any valid network). Needs the CUDA library (nvcc), not a device.
+    ``HEVC_NLF_CUDA_GENERIC=1`` in the environment forces the generic kernel."""
+    lib, _ = _cuda_library()
+    pl = _Planes()
+    pl.height = pl.width = 1
+    pl.bitdepth, pl.sample_bytes = int(bitdepth), 1 if bitdepth == 8 else 2
+    rc = lib.nlf_cuda_kernel_path(ctypes.byref(_native_net(net).struct), ctypes.byref(pl))
+    if rc < 0:
+        raise _native_error(lib, "cuda", rc)
+    return "fast" if rc == 1 else "generic"
 
 
 def cuda_device_count() -> int:

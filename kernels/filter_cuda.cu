@@ -39,6 +39,7 @@
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -312,24 +313,291 @@ __global__ void __launch_bounds__(NT) nlf_fused(const __grid_constant__ Params p
 
 typedef void (*KernelFn)(const Params);
 
-template <int CIO>
-static KernelFn pick_maxc(int maxc) {
-    switch (maxc) {
-        case 8: return nlf_fused<CIO, 8>;
-        case 12: return nlf_fused<CIO, 12>;
-        case 16: return nlf_fused<CIO, 16>;
-        default: return nlf_fused<CIO, 32>;
+// The instance of a kernel template for a run-time input/output channel count (1, 2, 4 or 8):
+// Pick<CIO>::get(arg) picks among the instances for the other template argument.
+template <template <int> class Pick, typename Fn>
+static Fn by_cio(int cio, int arg) {
+    switch (cio) {
+        case 1: return Pick<1>::get(arg);
+        case 2: return Pick<2>::get(arg);
+        case 4: return Pick<4>::get(arg);
+        default: return Pick<8>::get(arg);
     }
 }
 
-static KernelFn pick_kernel(int cio, int maxc) {
-    switch (cio) {
-        case 1: return pick_maxc<1>(maxc);
-        case 2: return pick_maxc<2>(maxc);
-        case 4: return pick_maxc<4>(maxc);
-        default: return pick_maxc<8>(maxc);
+template <int CIO>
+struct PickMaxc {
+    static KernelFn get(int maxc) {
+        return maxc == 8 ? nlf_fused<CIO, 8> : maxc == 12 ? nlf_fused<CIO, 12> : maxc == 16 ? nlf_fused<CIO, 16> : nlf_fused<CIO, 32>;
+    }
+};
+
+static KernelFn pick_kernel(int cio, int maxc) { return by_cio<PickMaxc, KernelFn>(cio, maxc); }
+
+// ------------------------------------------------------------------------ fast path (device code)
+// The paper's network shape, pw · dw3x3 · pw · dw3x3 · pw with at most 16 hidden channels and a ReLU on
+// every layer but the last, when every weight fits int8 and every channel's requantisation fits 32 bits
+// (the host proves both; the encoder's networks qualify: weights of at most 8 bits, and the folded form
+// holds for each channel).
+// Differences from the generic kernel above:
+// * all weights and per-channel constants are kernel parameters at compile-time offsets (the
+//   instructions read them from the constant bank as operands: no loads);
+// * products with IDP2A (two int16 activations times two int8 weights plus an int32, the rate of one
+//   IMAD): activations travel as int16 pairs; a thread owns two horizontally adjacent packed pixels, so
+//   one 32-bit shared-memory word holds the two samples of a channel its depth-wise taps need;
+// * z = clamp((acc*mult + bias + round) >> shift) in 32 bits (exact when the host's bounds allow);
+// * stage buffers are int16 pairs in shared memory indexed directly (no generic addressing).
+namespace fast {
+
+#ifndef NLF_FAST_TH
+#define NLF_FAST_TH 16
+#endif
+constexpr int TW = 32, TH = NLF_FAST_TH;  // packed tile
+constexpr int MAXF = 16, MAXIO = 8;
+constexpr int RW0 = (TW + 4) / 2, RH0 = TH + 4, PL0 = RW0 * RH0;  // stage 1 (halo 2): words per row / rows / plane
+constexpr int RW2 = (TW + 2) / 2, RH2 = TH + 2, PL2 = RW2 * RH2;  // stage 3 (halo 1)
+
+struct FParams {
+    const void* src[2];
+    void* dst[2];
+    long long ss[2], ds[2];  // strides in samples
+    unsigned* range_flag;    // NULL: 8-bit samples (cannot exceed the range)
+    int H, W, Hq, Wq, bd, sample_bytes, ph, pw;
+    int cg[MAXIO], cy[MAXIO], cx[MAXIO];  // input channel c = plane cg, offset (cy, cx) in the packing
+    // weights, int8 in int32 words: pw words hold two weights in bytes 0-1 (the int16 pair of inputs
+    // j = channels 2j, 2j+1); dw words per channel and kernel row: A = (w0, w1 | w2, 0), B = (0, w0 | w1, w2)
+    int w0[MAXF * (MAXIO / 2)], w2[MAXF * (MAXF / 2)], w4[MAXIO * (MAXF / 2)];
+    int d1[MAXF * 6], d3[MAXF * 6];
+    int mul[5][MAXF], add[5][MAXF], shf[5][MAXF];  // z = (acc*mul + add) >> shf, 32-bit
+};
+
+__host__ __device__ inline int dp2lo(int a, int b, int c) {
+#ifdef __CUDA_ARCH__
+    return __dp2a_lo(a, b, c);
+#else
+    return (int)((unsigned)c + (unsigned)((int)(int16_t)(a & 0xffff) * (int)(int8_t)(b & 0xff) +
+                                          (int)(int16_t)((unsigned)a >> 16) * (int)(int8_t)((b >> 8) & 0xff)));
+#endif
+}
+__host__ __device__ inline int dp2hi(int a, int b, int c) {
+#ifdef __CUDA_ARCH__
+    return __dp2a_hi(a, b, c);
+#else
+    return (int)((unsigned)c + (unsigned)((int)(int16_t)(a & 0xffff) * (int)(int8_t)((b >> 16) & 0xff) +
+                                          (int)(int16_t)((unsigned)a >> 16) * (int)(int8_t)((unsigned)b >> 24)));
+#endif
+}
+// (lo, hi) int16 pair in one word
+__host__ __device__ inline int pack2(int lo, int hi) {
+#ifdef __CUDA_ARCH__
+    return (int)__byte_perm((unsigned)lo, (unsigned)hi, 0x5410);
+#else
+    return (int)(((unsigned)lo & 0xffffu) | ((unsigned)hi << 16));
+#endif
+}
+// requantise: layers 0-3 have a ReLU (clamp to [0, 32767]), layer 4 none (clamp to [-32768, 32767])
+template <bool RELU>
+__host__ __device__ inline int rq(int acc, int mul, int add, int shf) {
+    const int z = (int)((unsigned)acc * (unsigned)mul + (unsigned)add) >> shf;
+    return imax(imin(z, 32767), RELU ? 0 : -32768);
+}
+// keeps the int16 halves of a pair word whose pixels lie inside the picture (the zero padding)
+__host__ __device__ inline int pair_mask(bool in0, bool in1) { return (in0 ? 0xffff : 0) | (in1 ? (int)0xffff0000u : 0); }
+
+// (plane g picked by selects: indexing the parameter arrays with a run-time g would load them)
+__host__ __device__ inline unsigned fload(const FParams& p, int g, int Y, int X) {
+    const long long off = (long long)Y * (g ? p.ss[1] : p.ss[0]) + X;
+    const void* base = g ? p.src[1] : p.src[0];
+    if (p.sample_bytes == 1) return NLF_LDG(static_cast<const unsigned char*>(base) + off);
+    return NLF_LDG(static_cast<const unsigned short*>(base) + off);
+}
+
+// Stage 1 (output of layer 0) over the tile plus a halo of 2: samples -> pack, centre -> pw -> s0.
+template <int CIO, int F>
+__host__ __device__ void seg_a(const FParams& p, int ty0, int tx0, int tid, int nthr, int* s0) {
+    constexpr int P = (CIO + 1) / 2;  // input pairs
+    const int off = 1 << (p.bd - 1);
+    unsigned bad = 0;
+    for (int it = tid; it < PL0; it += nthr) {
+        const int r = it / RW0, k = it - r * RW0;
+        const int gy = ty0 - 2 + r, gx = tx0 - 2 + 2 * k;
+        const int cyq = imin(imax(gy, 0), p.Hq - 1);
+        int in[2][P];
+        bool inside[2];
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            inside[q] = gy >= 0 && gy < p.Hq && gx + q >= 0 && gx + q < p.Wq;
+            const int cxq = imin(imax(gx + q, 0), p.Wq - 1);
+            int v[2 * P];
+#pragma unroll
+            for (int c = 0; c < 2 * P; ++c) {
+                v[c] = 0;
+                if (c < CIO) {
+                    const int Y = imin(cyq * p.ph + p.cy[c], p.H - 1), X = imin(cxq * p.pw + p.cx[c], p.W - 1);
+                    const unsigned s = fload(p, p.cg[c], Y, X);
+                    bad |= s >> p.bd;
+                    v[c] = (int)s - off;
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < P; ++j) in[q][j] = pack2(v[2 * j], v[2 * j + 1]);
+        }
+        const int mask = pair_mask(inside[0], inside[1]);
+#pragma unroll
+        for (int f = 0; f < F; ++f) {
+            int z[2];
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                int acc = 0;
+#pragma unroll
+                for (int j = 0; j < P; ++j) acc = dp2lo(in[q][j], p.w0[f * P + j], acc);
+                z[q] = rq<true>(acc, p.mul[0][f], p.add[0][f], p.shf[0][f]);
+            }
+            s0[f * PL0 + it] = pack2(z[0], z[1]) & mask;
+        }
+    }
+    if (bad && p.range_flag) {
+#ifdef __CUDA_ARCH__
+        atomicOr(p.range_flag, 1u);
+#else
+        *p.range_flag |= 1u;
+#endif
     }
 }
+
+// Depth-wise 3x3 of the two pixels whose taps start at word k of row r in a stage buffer with RW words
+// per row and PL per plane; outputs requantised, as int16 pairs of channels (2j, 2j+1) per pixel.
+template <int F, int RW, int PL, int l>
+__host__ __device__ inline void dw_pair(const FParams& p, const int* s, const int (&d)[MAXF * 6], int r, int k,
+                                        int (&a)[2][F / 2]) {
+    int even0 = 0, even1 = 0;
+#pragma unroll
+    for (int c = 0; c < F; ++c) {
+        const int* b = s + c * PL + r * RW + k;
+        int acc0 = 0, acc1 = 0;
+#pragma unroll
+        for (int ky = 0; ky < 3; ++ky) {
+            const int lo = b[ky * RW], hi = b[ky * RW + 1];
+            const int A = d[c * 6 + ky * 2], B = d[c * 6 + ky * 2 + 1];
+            acc0 = dp2lo(lo, A, dp2hi(hi, A, acc0));
+            acc1 = dp2lo(lo, B, dp2hi(hi, B, acc1));
+        }
+        const int z0 = rq<true>(acc0, p.mul[l][c], p.add[l][c], p.shf[l][c]);
+        const int z1 = rq<true>(acc1, p.mul[l][c], p.add[l][c], p.shf[l][c]);
+        if (c % 2 == 0) {
+            even0 = z0;
+            even1 = z1;
+        } else {
+            a[0][c / 2] = pack2(even0, z0);
+            a[1][c / 2] = pack2(even1, z1);
+        }
+    }
+}
+
+// Stage 3 (output of layers 1-2) over the tile plus a halo of 1: dw from s0, pw -> s2.
+template <int CIO, int F>
+__host__ __device__ void seg_b(const FParams& p, int ty0, int tx0, int tid, int nthr, const int* s0, int* s2) {
+    for (int it = tid; it < PL2; it += nthr) {
+        const int r = it / RW2, k = it - r * RW2;
+        const int gy = ty0 - 1 + r, gx = tx0 - 1 + 2 * k;
+        const bool rowin = gy >= 0 && gy < p.Hq;
+        const int mask = pair_mask(rowin && gx >= 0 && gx < p.Wq, rowin && gx + 1 >= 0 && gx + 1 < p.Wq);
+        int a[2][F / 2];
+        dw_pair<F, RW0, PL0, 1>(p, s0, p.d1, r, k, a);
+#pragma unroll
+        for (int f = 0; f < F; ++f) {
+            int acc0 = 0, acc1 = 0;
+#pragma unroll
+            for (int j = 0; j < F / 2; ++j) {
+                acc0 = dp2lo(a[0][j], p.w2[f * (F / 2) + j], acc0);
+                acc1 = dp2lo(a[1][j], p.w2[f * (F / 2) + j], acc1);
+            }
+            const int z0 = rq<true>(acc0, p.mul[2][f], p.add[2][f], p.shf[2][f]);
+            const int z1 = rq<true>(acc1, p.mul[2][f], p.add[2][f], p.shf[2][f]);
+            s2[f * PL2 + it] = pack2(z0, z1) & mask;
+        }
+    }
+}
+
+// The tile: dw from s2, pw to the residual, added to the samples and written out.
+template <int CIO, int F>
+__host__ __device__ void seg_c(const FParams& p, int ty0, int tx0, int tid, int nthr, const int* s2) {
+    constexpr int RW = TW / 2;
+    const int maxv = (1 << p.bd) - 1;
+    for (int it = tid; it < RW * TH; it += nthr) {
+        const int r = it / RW, k = it - r * RW;
+        const int gy = ty0 + r, gx = tx0 + 2 * k;
+        if (gy >= p.Hq || gx >= p.Wq) continue;
+        int a[2][F / 2];
+        dw_pair<F, RW2, PL2, 3>(p, s2, p.d3, r, k, a);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            if (gx + q >= p.Wq) break;
+#pragma unroll
+            for (int c = 0; c < CIO; ++c) {
+                int acc = 0;
+#pragma unroll
+                for (int j = 0; j < F / 2; ++j) acc = dp2lo(a[q][j], p.w4[c * (F / 2) + j], acc);
+                const int res = rq<false>(acc, p.mul[4][c], p.add[4][c], p.shf[4][c]);
+                const int g = p.cg[c], Y = gy * p.ph + p.cy[c], X = (gx + q) * p.pw + p.cx[c];
+                if (Y >= p.H || X >= p.W) continue;
+                int v = (int)fload(p, g, Y, X) + res;
+                v = v < 0 ? 0 : (v > maxv ? maxv : v);
+                const long long o = (long long)Y * (g ? p.ds[1] : p.ds[0]) + X;
+                void* base = g ? p.dst[1] : p.dst[0];
+                if (p.sample_bytes == 1) static_cast<unsigned char*>(base)[o] = (unsigned char)v;
+                else static_cast<unsigned short*>(base)[o] = (unsigned short)v;
+            }
+        }
+    }
+}
+
+constexpr int NTF = 256;  // threads per block
+constexpr size_t SMEM_BYTES(int F) { return (size_t)F * (PL0 + PL2) * sizeof(int); }
+
+template <int CIO, int F>
+__global__ void __launch_bounds__(NTF) nlf_fast(const __grid_constant__ FParams p) {
+    extern __shared__ int fsm[];
+    int* s0 = fsm;
+    int* s2 = fsm + F * PL0;
+    const int ty0 = blockIdx.y * TH, tx0 = blockIdx.x * TW;
+    seg_a<CIO, F>(p, ty0, tx0, threadIdx.x, blockDim.x, s0);
+    __syncthreads();
+    seg_b<CIO, F>(p, ty0, tx0, threadIdx.x, blockDim.x, s0, s2);
+    __syncthreads();
+    seg_c<CIO, F>(p, ty0, tx0, threadIdx.x, blockDim.x, s2);
+}
+
+typedef void (*FastFn)(const FParams);
+
+template <int CIO>
+struct PickFast {
+    static FastFn get(int f) { return f == 8 ? nlf_fast<CIO, 8> : f == 12 ? nlf_fast<CIO, 12> : nlf_fast<CIO, 16>; }
+};
+static FastFn pick_fast(int cio, int f) { return by_cio<PickFast, FastFn>(cio, f); }
+
+// Host execution of the same segment code (test hook): block by block, segment by segment.
+template <int CIO, int F>
+static void run_fast_host(const FParams& p) {
+    std::vector<int> sm((size_t)F * (PL0 + PL2));
+    for (int by = 0; by < (p.Hq + TH - 1) / TH; ++by)
+        for (int bx = 0; bx < (p.Wq + TW - 1) / TW; ++bx) {
+            std::fill(sm.begin(), sm.end(), 0x5a5a5a5a);  // garbage between blocks
+            for (int t = 0; t < NTF; ++t) seg_a<CIO, F>(p, by * TH, bx * TW, t, NTF, sm.data());
+            for (int t = 0; t < NTF; ++t) seg_b<CIO, F>(p, by * TH, bx * TW, t, NTF, sm.data(), sm.data() + F * PL0);
+            for (int t = 0; t < NTF; ++t) seg_c<CIO, F>(p, by * TH, bx * TW, t, NTF, sm.data() + F * PL0);
+        }
+}
+typedef void (*FastHostFn)(const FParams&);
+template <int CIO>
+struct PickFastHost {
+    static FastHostFn get(int f) {
+        return f == 8 ? run_fast_host<CIO, 8> : f == 12 ? run_fast_host<CIO, 12> : run_fast_host<CIO, 16>;
+    }
+};
+static FastHostFn pick_fast_host(int cio, int f) { return by_cio<PickFastHost, FastHostFn>(cio, f); }
+
+}  // namespace fast
 
 // ----------------------------------------------------------------------------------- host side
 struct HostPlan {
@@ -465,6 +733,83 @@ static size_t stage_elems(const HostPlan& hp, int th, int tw) {
     return best;
 }
 
+// Fast-path plan: true when the network has the shape and ranges the fast kernel handles (see the
+// fast namespace); fills the kernel parameters. hp must come from a successful build_plan.
+static bool fast_plan(const nlf_network* net, const HostPlan& hp, int bd, fast::FParams& fp, int& F) {
+    using namespace fast;
+    if (net->nlayers != 5) return false;
+    static const int kinds[5] = {NLF_LAYER_PW, NLF_LAYER_DW, NLF_LAYER_PW, NLF_LAYER_DW, NLF_LAYER_PW};
+    const int c0 = hp.p.c0;
+    if (c0 > MAXIO || (c0 & (c0 - 1))) return false;  // 1, 2, 4 or 8 input channels
+    const int hidden = net->layers[0].cout;
+    if (hidden > MAXF) return false;
+    for (int i = 0; i < 5; ++i) {
+        const nlf_layer& s = net->layers[i];
+        if (s.kind != kinds[i] || (i < 4 && s.cout != hidden) || (s.relu != 0) != (i < 4)) return false;
+        const int taps = s.kind == NLF_LAYER_PW ? s.cin : 9;
+        for (int k = 0; k < s.cout * taps; ++k)
+            if (s.weight[k] < -128 || s.weight[k] > 127) return false;
+        for (int f = 0; f < s.cout; ++f)
+            if (!hp.chans[hp.p.L[i].coff + f].fold) return false;  // acc*mult + bias + round fits int32
+    }
+    F = hidden <= 8 ? 8 : (hidden <= 12 ? 12 : 16);
+    std::memset(&fp, 0, sizeof fp);
+    fp.ph = net->ph;
+    fp.pw = net->pw;
+    const int pp = net->ph * net->pw;
+    for (int c = 0; c < c0; ++c) {
+        fp.cg[c] = c / pp;
+        fp.cy[c] = (c % pp) / net->pw;
+        fp.cx[c] = c % net->pw;
+    }
+    auto byte = [](int w, int pos) { return (int)((unsigned)(w & 0xff) << (8 * pos)); };
+    const int P = (c0 + 1) / 2, H2 = F / 2;
+    for (int i = 0; i < 5; ++i) {
+        const nlf_layer& s = net->layers[i];
+        for (int f = 0; f < s.cout; ++f) {
+            const Chan& c = hp.chans[hp.p.L[i].coff + f];
+            fp.mul[i][f] = (int)s.mult[f];
+            fp.add[i][f] = (int)c.add;  // bias + round, inside int32 (fold)
+            fp.shf[i][f] = c.shift;     // min(shift, 31)
+            const int32_t* w = s.weight + (size_t)f * (s.kind == NLF_LAYER_PW ? s.cin : 9);
+            if (s.kind == NLF_LAYER_DW) {
+                int* d = i == 1 ? fp.d1 : fp.d3;
+                for (int ky = 0; ky < 3; ++ky) {
+                    const int* t = w + 3 * ky;
+                    d[f * 6 + 2 * ky] = byte(t[0], 0) | byte(t[1], 1) | byte(t[2], 2);
+                    d[f * 6 + 2 * ky + 1] = byte(t[0], 1) | byte(t[1], 2) | byte(t[2], 3);
+                }
+            } else {
+                int* dst = i == 0 ? fp.w0 + f * P : (i == 2 ? fp.w2 + f * H2 : fp.w4 + f * H2);
+                for (int k = 0; k < s.cin; ++k) dst[k / 2] |= byte(w[k], k % 2);
+            }
+        }
+    }
+    (void)bd;
+    return true;
+}
+
+// HEVC_NLF_CUDA_GENERIC=1 turns the fast path off (to compare the two kernels).
+static bool fast_enabled() {
+    const char* v = std::getenv("HEVC_NLF_CUDA_GENERIC");
+    return !(v && *v && std::strcmp(v, "0") != 0);
+}
+
+static void fast_geometry(fast::FParams& fp, const nlf_planes* pl, const Params& p) {
+    fp.H = p.H;
+    fp.W = p.W;
+    fp.Hq = p.Hq;
+    fp.Wq = p.Wq;
+    fp.bd = p.bd;
+    fp.sample_bytes = pl->sample_bytes;
+    for (int g = 0; g < 2; ++g) {
+        fp.src[g] = p.src[g];
+        fp.dst[g] = p.dst[g];
+        fp.ss[g] = p.ss[g];
+        fp.ds[g] = p.ds[g];
+    }
+}
+
 struct DeviceCache {
     void* src[2] = {nullptr, nullptr};
     void* dst[2] = {nullptr, nullptr};
@@ -528,6 +873,9 @@ static int run(const nlf_network* net, const nlf_planes* pl) {
 
     Params& p = hp.p;
     set_geometry(p, pl);
+    fast::FParams fp;
+    int fastF = 0;
+    const bool use_fast = fast_enabled() && fast_plan(net, hp, pl->bitdepth, fp, fastF);
     // tile: 32 columns x 16 rows, fewer rows if shared memory is short
     p.tw = 32;
     p.th = 16;
@@ -536,7 +884,7 @@ static int run(const nlf_network* net, const nlf_planes* pl) {
         p.th /= 2;
         elems = stage_elems(hp, p.th, p.tw);
     }
-    if (2 * elems * sizeof(int16_t) > (size_t)smem_optin)
+    if (!use_fast && 2 * elems * sizeof(int16_t) > (size_t)smem_optin)
         return fail(NLF_ERR_UNSUPPORTED, "network needs more shared memory than the device has");
     p.buf_elems = (int)((elems + 7) / 8 * 8);
     hp.smem_bytes = 2 * (size_t)p.buf_elems * sizeof(int16_t);
@@ -548,9 +896,12 @@ static int run(const nlf_network* net, const nlf_planes* pl) {
     const size_t coff = (wbytes + 255) / 256 * 256, foff = coff + (cbytes + 255) / 256 * 256;
     if ((rc = ensure(&dc.consts, &dc.consts_bytes, foff + 256)) != NLF_OK) return rc;
     char* cbase = static_cast<char*>(dc.consts);
-    if ((e = cudaMemcpy(cbase, hp.wts.data(), wbytes, cudaMemcpyHostToDevice)) != cudaSuccess) return cuda_fail(e, "cudaMemcpy");
-    if ((e = cudaMemcpy(cbase + coff, hp.chans.data(), cbytes, cudaMemcpyHostToDevice)) != cudaSuccess) return cuda_fail(e, "cudaMemcpy");
-    if ((e = cudaMemset(cbase + foff, 0, sizeof(unsigned))) != cudaSuccess) return cuda_fail(e, "cudaMemset");
+    if (!use_fast) {  // the fast kernel takes its constants as launch parameters
+        if ((e = cudaMemcpy(cbase, hp.wts.data(), wbytes, cudaMemcpyHostToDevice)) != cudaSuccess) return cuda_fail(e, "cudaMemcpy");
+        if ((e = cudaMemcpy(cbase + coff, hp.chans.data(), cbytes, cudaMemcpyHostToDevice)) != cudaSuccess) return cuda_fail(e, "cudaMemcpy");
+    }
+    const bool need_flag = !use_fast || pl->sample_bytes == 2;  // 8-bit samples cannot exceed the range
+    if (need_flag && (e = cudaMemsetAsync(cbase + foff, 0, sizeof(unsigned))) != cudaSuccess) return cuda_fail(e, "cudaMemset");
     p.wts = reinterpret_cast<const int*>(cbase);
     p.chans = reinterpret_cast<const Chan*>(cbase + coff);
     p.range_flag = reinterpret_cast<unsigned*>(cbase + foff);
@@ -585,17 +936,36 @@ static int run(const nlf_network* net, const nlf_planes* pl) {
         }
     }
 
-    KernelFn fn = pick_kernel(hp.cio, hp.maxc);
-    e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)hp.smem_bytes);
-    if (e != cudaSuccess) return cuda_fail(e, "cudaFuncSetAttribute");
-    dim3 grid((p.Wq + p.tw - 1) / p.tw, (p.Hq + p.th - 1) / p.th);
-    fn<<<grid, NT, hp.smem_bytes>>>(p);
+    if (use_fast) {
+        fast_geometry(fp, pl, p);
+        fp.range_flag = need_flag ? p.range_flag : nullptr;
+        fast::FastFn fn = fast::pick_fast(hp.cio, fastF);
+        const size_t smem = fast::SMEM_BYTES(fastF);
+        static size_t smem_set[64] = {0};  // per kernel instance: raise the dynamic limit once
+        size_t& have = smem_set[(hp.cio - 1) * 4 + fastF / 4];
+        if (have < smem) {
+            e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+            if (e != cudaSuccess) return cuda_fail(e, "cudaFuncSetAttribute");
+            have = smem;
+        }
+        dim3 grid((p.Wq + fast::TW - 1) / fast::TW, (p.Hq + fast::TH - 1) / fast::TH);
+        fn<<<grid, fast::NTF, smem>>>(fp);
+    } else {
+        KernelFn fn = pick_kernel(hp.cio, hp.maxc);
+        e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)hp.smem_bytes);
+        if (e != cudaSuccess) return cuda_fail(e, "cudaFuncSetAttribute");
+        dim3 grid((p.Wq + p.tw - 1) / p.tw, (p.Hq + p.th - 1) / p.th);
+        fn<<<grid, NT, hp.smem_bytes>>>(p);
+    }
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_fail(e, "kernel launch");
-    if ((e = cudaDeviceSynchronize()) != cudaSuccess) return cuda_fail(e, "kernel execution");
     unsigned flag = 0;
-    if ((e = cudaMemcpy(&flag, p.range_flag, sizeof flag, cudaMemcpyDeviceToHost)) != cudaSuccess)
-        return cuda_fail(e, "cudaMemcpy");
+    if (need_flag) {  // the copy waits for the kernel
+        if ((e = cudaMemcpy(&flag, p.range_flag, sizeof flag, cudaMemcpyDeviceToHost)) != cudaSuccess)
+            return cuda_fail(e, "kernel execution / cudaMemcpy");
+    } else if ((e = cudaDeviceSynchronize()) != cudaSuccess) {
+        return cuda_fail(e, "kernel execution");
+    }
     if (pl->memory == NLF_MEMORY_HOST) {
         for (int g = 0; g < net->planes; ++g) {
             e = cudaMemcpy2D(pl->dst[g], (size_t)pl->dst_stride[g] * sb, dc.dst[g], row, row, pl->height,
@@ -619,6 +989,22 @@ static int run_host(const nlf_network* net, const nlf_planes* pl) {
     if (rc != NLF_OK) return rc;
     Params& p = hp.p;
     set_geometry(p, pl);
+    fast::FParams fp;
+    int fastF = 0;
+    if (fast_enabled() && fast_plan(net, hp, pl->bitdepth, fp, fastF)) {
+        for (int g = 0; g < net->planes; ++g) {
+            p.src[g] = pl->src[g];
+            p.dst[g] = pl->dst[g];
+            p.ss[g] = pl->src_stride[g];
+            p.ds[g] = pl->dst_stride[g];
+        }
+        fast_geometry(fp, pl, p);
+        unsigned flag = 0;
+        fp.range_flag = &flag;
+        fast::pick_fast_host(hp.cio, fastF)(fp);
+        if (flag) return fail(NLF_ERR_RANGE, "a sample is >= 2^%d", pl->bitdepth);
+        return NLF_OK;
+    }
     p.tw = 32;
     p.th = 16;
     const size_t elems = stage_elems(hp, p.th, p.tw);
@@ -678,6 +1064,23 @@ NLF_API int32_t nlf_cuda_device_count(void) {
 NLF_API int32_t nlf_cuda_filter(const nlf_network* net, const nlf_planes* planes) {
     try {
         return nlfcu::run(net, planes);
+    } catch (...) {
+        return nlfcu::fail(NLF_ERR_INTERNAL, "unexpected C++ exception");
+    }
+}
+
+// Which kernel nlf_cuda_filter would run for this network and these planes: 1 the fast kernel (the
+// paper's 5-layer shape, int8 weights, 32-bit requantisation), 0 the generic one; < 0 an error code.
+NLF_API int32_t nlf_cuda_kernel_path(const nlf_network* net, const nlf_planes* planes) {
+    try {
+        nlfcu::g_err[0] = 0;
+        if (!net || !planes) return nlfcu::fail(NLF_ERR_ARG, "NULL argument");
+        nlfcu::HostPlan hp;
+        const int rc = nlfcu::build_plan(net, planes, hp);
+        if (rc != NLF_OK) return rc;
+        nlfcu::fast::FParams fp;
+        int f = 0;
+        return nlfcu::fast_enabled() && nlfcu::fast_plan(net, hp, planes->bitdepth, fp, f) ? 1 : 0;
     } catch (...) {
         return nlfcu::fail(NLF_ERR_INTERNAL, "unexpected C++ exception");
     }

@@ -134,6 +134,11 @@ NLF_API int32_t nlf_cpu_requant_forms(const nlf_network *net, int32_t bitdepth, 
 NLF_API int32_t nlf_cuda_device_count(void);
 /* Filter one channel group on the current CUDA device (one kernel launch; synchronous). */
 NLF_API int32_t nlf_cuda_filter(const nlf_network *net, const nlf_planes *planes);
+/* The kernel nlf_cuda_filter runs for this network and these planes: 1 the fast kernel (the paper's
+ * pw-dw-pw-dw-pw shape with at most 16 hidden channels, int8 weights, every requantisation exact in 32
+ * bits: the networks the encoder signals), 0 the generic one; an NLF_ERR_* code for an invalid network.
+ * HEVC_NLF_CUDA_GENERIC=1 in the environment forces the generic kernel. */
+NLF_API int32_t nlf_cuda_kernel_path(const nlf_network *net, const nlf_planes *planes);
 
 #ifdef __cplusplus
 }

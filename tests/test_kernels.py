@@ -533,6 +533,51 @@ def test_cuda_kernel_logic_on_host() -> None:
             assert np.array_equal(g, w)
 
 
+@pytest.mark.slow
+def test_cuda_fast_kernel_logic_on_host() -> None:
+    """The CUDA fast kernel (paper shape, int8 weights, 32-bit requantisation: what the encoder signals)
+    run on the host: taken for every packing, group and hidden width up to 16, and exact; networks
+    outside its ranges go to the generic kernel."""
+    if kernels.find_nvcc() is None or kernels.kernel_sources() is None:
+        pytest.skip("nvcc not present")
+    rng = np.random.default_rng(31)
+    for group in (Group.Y, Group.UV):
+        for packing in ALL_PACKINGS:
+            for arch in (Architecture(), Architecture(5, 7), Architecture(5, 16)):
+                net = reference.random_network(rng, group, packing, arch, **SIGNALLED)
+                assert kernels.cuda_kernel_path(net, 8) == "fast"
+                for bd, shape in ((8, (37, 70)), (10, (5, 3)), (16, (18, 33))):
+                    planes = _planes(rng, group, shape, bd)
+                    got = kernels.cuda_check_host(planes, net, bd)
+                    for g, w in zip(got, reference.filter_planes(planes, net, bd)):
+                        assert np.array_equal(g, w), (group, packing, arch, bd, shape)
+    small = reference.random_network(rng, Group.Y, Packing(1, 1), **SIGNALLED)
+    wide = reference.random_network(rng, Group.Y, Packing(1, 1))  # 8-bit multipliers: folding overflows
+    w = small.layers[0].weight.copy()
+    w[0, 0] = 200  # beyond int8
+    big_w = replace(small, layers=(replace(small.layers[0], weight=w),) + small.layers[1:])
+    for net in (wide, big_w, reference.random_network(rng, Group.Y, Packing(1, 1), Architecture(7, 12), **SIGNALLED),
+                reference.random_network(rng, Group.UV, Packing(1, 1), Architecture(5, 20), **SIGNALLED)):
+        assert kernels.cuda_kernel_path(net, 8) == "generic"
+        planes = _planes(rng, net.group, (20, 40), 8)
+        for g, w in zip(kernels.cuda_check_host(planes, net, 8), reference.filter_planes(planes, net, 8)):
+            assert np.array_equal(g, w)
+
+
+@pytest.mark.parametrize("group", [Group.Y, Group.UV], ids=lambda g: g.name)
+@pytest.mark.parametrize("packing", ALL_PACKINGS, ids=str)
+def test_signalled_networks_all_packings(kernel: kernels.Kernel, group: Group, packing: Packing) -> None:
+    """Networks in the ranges the encoder signals (on the GPU: the fast kernel), every size class."""
+    rng = np.random.default_rng(40 + 4 * group.value + packing.index)
+    for arch in (Architecture(), Architecture(5, 16)):
+        net = reference.random_network(rng, group, packing, arch, **SIGNALLED)
+        if kernel.name == "cuda":
+            assert kernels.cuda_kernel_path(net, 8) == "fast"
+        for bd in (8, 10):
+            for shape in SIZES + [(70, 67)]:
+                _assert_same(kernel, _planes(rng, group, shape, bd), net, bd)
+
+
 def test_cuda_filter_device_matches_reference() -> None:
     """Planes already on the GPU (CuPy arrays via __cuda_array_interface__): no host copies, same
     pictures as the reference, for 8- and 10-bit, both groups and a row stride wider than the width."""
@@ -555,3 +600,31 @@ def test_cuda_filter_device_matches_reference() -> None:
             assert np.array_equal(cp.asnumpy(o), want)
     with pytest.raises(UsageError, match="GPU array"):
         k.filter_device([planes[0]], [planes[0]], reference.random_network(rng, Group.Y, Packing(1, 1)), 8)  # type: ignore[attr-defined]
+
+
+def test_cuda_filter_device_torch_tensors() -> None:
+    """PyTorch CUDA tensors (read without __cuda_array_interface__): same pictures as the reference,
+    including a row stride wider than the width; wrong dtypes and column-strided views are refused."""
+    if not HAVE_GPU:
+        pytest.skip("no CUDA device")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    k = kernels.get_kernel("cuda")
+    rng = np.random.default_rng(23)
+    for group, packing, bd, shape in ((Group.Y, Packing(2, 2), 8, (70, 131)), (Group.UV, Packing(1, 2), 8, (33, 64))):
+        net = reference.random_network(rng, group, packing, **SIGNALLED)
+        planes = _planes(rng, group, shape, bd)
+        wide = [torch.zeros((shape[0], shape[1] + 5), dtype=torch.uint8, device="cuda") for _ in planes]
+        for w, p in zip(wide, planes):
+            w[:, : shape[1]] = torch.from_numpy(p).cuda()
+        outs = [torch.empty(shape, dtype=torch.uint8, device="cuda") for _ in planes]
+        k.filter_device([w[:, : shape[1]] for w in wide], outs, net, bd)  # type: ignore[attr-defined]
+        for o, want in zip(outs, reference.filter_planes(planes, net, bd)):
+            assert np.array_equal(o.cpu().numpy(), want)
+    net = reference.random_network(rng, Group.Y, Packing(1, 1), **SIGNALLED)
+    x = torch.zeros((16, 16), dtype=torch.uint8, device="cuda")
+    with pytest.raises(UsageError, match="uint8/uint16"):
+        k.filter_device([x.float()], [x], net, 8)  # type: ignore[attr-defined]
+    with pytest.raises(UsageError, match="contiguous"):
+        k.filter_device([x[:, ::2]], [x[:, :8]], net, 8)  # type: ignore[attr-defined]
