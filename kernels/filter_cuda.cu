@@ -735,7 +735,7 @@ static size_t stage_elems(const HostPlan& hp, int th, int tw) {
 
 // Fast-path plan: true when the network has the shape and ranges the fast kernel handles (see the
 // fast namespace); fills the kernel parameters. hp must come from a successful build_plan.
-static bool fast_plan(const nlf_network* net, const HostPlan& hp, int bd, fast::FParams& fp, int& F) {
+static bool fast_plan(const nlf_network* net, const HostPlan& hp, fast::FParams& fp, int& F) {
     using namespace fast;
     if (net->nlayers != 5) return false;
     static const int kinds[5] = {NLF_LAYER_PW, NLF_LAYER_DW, NLF_LAYER_PW, NLF_LAYER_DW, NLF_LAYER_PW};
@@ -785,7 +785,6 @@ static bool fast_plan(const nlf_network* net, const HostPlan& hp, int bd, fast::
             }
         }
     }
-    (void)bd;
     return true;
 }
 
@@ -875,7 +874,7 @@ static int run(const nlf_network* net, const nlf_planes* pl) {
     set_geometry(p, pl);
     fast::FParams fp;
     int fastF = 0;
-    const bool use_fast = fast_enabled() && fast_plan(net, hp, pl->bitdepth, fp, fastF);
+    const bool use_fast = fast_enabled() && fast_plan(net, hp, fp, fastF);
     // tile: 32 columns x 16 rows, fewer rows if shared memory is short
     p.tw = 32;
     p.th = 16;
@@ -941,13 +940,8 @@ static int run(const nlf_network* net, const nlf_planes* pl) {
         fp.range_flag = need_flag ? p.range_flag : nullptr;
         fast::FastFn fn = fast::pick_fast(hp.cio, fastF);
         const size_t smem = fast::SMEM_BYTES(fastF);
-        static size_t smem_set[64] = {0};  // per kernel instance: raise the dynamic limit once
-        size_t& have = smem_set[(hp.cio - 1) * 4 + fastF / 4];
-        if (have < smem) {
-            e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-            if (e != cudaSuccess) return cuda_fail(e, "cudaFuncSetAttribute");
-            have = smem;
-        }
+        e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return cuda_fail(e, "cudaFuncSetAttribute");
         dim3 grid((p.Wq + fast::TW - 1) / fast::TW, (p.Hq + fast::TH - 1) / fast::TH);
         fn<<<grid, fast::NTF, smem>>>(fp);
     } else {
@@ -989,15 +983,15 @@ static int run_host(const nlf_network* net, const nlf_planes* pl) {
     if (rc != NLF_OK) return rc;
     Params& p = hp.p;
     set_geometry(p, pl);
+    for (int g = 0; g < net->planes; ++g) {
+        p.src[g] = pl->src[g];
+        p.dst[g] = pl->dst[g];
+        p.ss[g] = pl->src_stride[g];
+        p.ds[g] = pl->dst_stride[g];
+    }
     fast::FParams fp;
     int fastF = 0;
-    if (fast_enabled() && fast_plan(net, hp, pl->bitdepth, fp, fastF)) {
-        for (int g = 0; g < net->planes; ++g) {
-            p.src[g] = pl->src[g];
-            p.dst[g] = pl->dst[g];
-            p.ss[g] = pl->src_stride[g];
-            p.ds[g] = pl->dst_stride[g];
-        }
+    if (fast_enabled() && fast_plan(net, hp, fp, fastF)) {
         fast_geometry(fp, pl, p);
         unsigned flag = 0;
         fp.range_flag = &flag;
@@ -1013,12 +1007,6 @@ static int run_host(const nlf_network* net, const nlf_planes* pl) {
     p.wts = hp.wts.data();
     p.chans = hp.chans.data();
     p.range_flag = &flag;
-    for (int g = 0; g < net->planes; ++g) {
-        p.src[g] = pl->src[g];
-        p.dst[g] = pl->dst[g];
-        p.ss[g] = pl->src_stride[g];
-        p.ds[g] = pl->dst_stride[g];
-    }
     std::vector<int16_t> smem(2 * (size_t)p.buf_elems + 8);
     int16_t* buf[2] = {smem.data(), smem.data() + p.buf_elems};
     typedef void (*SegFn)(const Params&, int, int, int, int, int, int, const int16_t*, int16_t*);
@@ -1080,7 +1068,7 @@ NLF_API int32_t nlf_cuda_kernel_path(const nlf_network* net, const nlf_planes* p
         if (rc != NLF_OK) return rc;
         nlfcu::fast::FParams fp;
         int f = 0;
-        return nlfcu::fast_enabled() && nlfcu::fast_plan(net, hp, planes->bitdepth, fp, f) ? 1 : 0;
+        return nlfcu::fast_enabled() && nlfcu::fast_plan(net, hp, fp, f) ? 1 : 0;
     } catch (...) {
         return nlfcu::fail(NLF_ERR_INTERNAL, "unexpected C++ exception");
     }
