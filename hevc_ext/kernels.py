@@ -309,31 +309,31 @@ class CudaKernel:
         row-contiguous, all of one shape. Raises KernelError where the C++ path would fall back."""
         def view(a: object, what: str) -> tuple[int, tuple[int, int], np.dtype, int]:
             if type(a).__module__.startswith("torch") and getattr(a, "is_cuda", False):
-                # PyTorch tensors directly: building their __cuda_array_interface__ costs more than the
-                # kernel launch for small pictures
+                # PyTorch tensors read directly: building their __cuda_array_interface__ costs more than
+                # the kernel launch for small pictures
                 t: Any = a
-                dt = _TORCH_DTYPES.get(str(t.dtype))
-                if t.dim() != 2 or dt is None:
-                    raise UsageError(f"{what}: a 2-D uint8/uint16 array expected, got shape {tuple(t.shape)} {t.dtype}")
-                st = t.stride()
-                if st[1] != 1 and t.shape[1] > 1:
-                    raise UsageError(f"{what}: rows must be contiguous (strides {st})")
-                if what.startswith("output") and t.requires_grad:
-                    raise UsageError(f"{what}: a tensor that requires grad cannot be written")
-                return int(t.data_ptr()), (int(t.shape[0]), int(t.shape[1])), dt, int(st[0])
-            try:
-                cai = a.__cuda_array_interface__  # type: ignore[attr-defined]
-            except AttributeError:
-                raise UsageError(f"{what}: a GPU array (__cuda_array_interface__) expected, got {type(a).__name__}") from None
-            shape, dtype = tuple(cai["shape"]), np.dtype(cai["typestr"])
+                ptr, shape, label = int(t.data_ptr()), tuple(t.shape), str(t.dtype)
+                dtype = _TORCH_DTYPES.get(label)
+                strides = tuple(st * t.element_size() for st in t.stride())
+                readonly = bool(t.requires_grad)
+            else:
+                try:
+                    cai = a.__cuda_array_interface__  # type: ignore[attr-defined]
+                except AttributeError:
+                    raise UsageError(f"{what}: a GPU array (__cuda_array_interface__) expected, "
+                                     f"got {type(a).__name__}") from None
+                shape, dtype = tuple(cai["shape"]), np.dtype(cai["typestr"])
+                label = str(dtype)
+                ptr, readonly = int(cai["data"][0]), bool(cai["data"][1])
+                strides = cai.get("strides") or ((shape[1] * dtype.itemsize, dtype.itemsize) if len(shape) == 2 else ())
             if len(shape) != 2 or dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
-                raise UsageError(f"{what}: a 2-D uint8/uint16 array expected, got shape {shape} {dtype}")
-            strides = cai.get("strides") or (shape[1] * dtype.itemsize, dtype.itemsize)
+                raise UsageError(f"{what}: a 2-D uint8/uint16 array expected, got shape {shape} {label}")
+            assert dtype is not None
             if strides[1] != dtype.itemsize or strides[0] % dtype.itemsize:
                 raise UsageError(f"{what}: rows must be contiguous (strides {strides})")
-            if what.startswith("output") and cai["data"][1]:
-                raise UsageError(f"{what}: read-only")
-            return int(cai["data"][0]), shape, dtype, strides[0] // dtype.itemsize
+            if what.startswith("output") and readonly:
+                raise UsageError(f"{what}: read-only (or a tensor that requires grad)")
+            return ptr, (int(shape[0]), int(shape[1])), dtype, int(strides[0]) // dtype.itemsize
 
         n = net.group.planes
         if len(planes) != n or len(outs) != n:

@@ -198,10 +198,26 @@ __host__ __device__ inline void dw_any(const Params& p, int l, const int16_t* in
     else dw_layer<CIO, CIO, MAXC>(p, L, in, plane_in, rw_in, py, px, out);
 }
 
-__host__ __device__ inline unsigned load_sample(const Params& p, int g, int Y, int X) {
-    const long long off = (long long)Y * p.ss[g] + X;
-    if (p.sample_bytes == 1) return NLF_LDG(static_cast<const unsigned char*>(p.src[g]) + off);
-    return NLF_LDG(static_cast<const unsigned short*>(p.src[g]) + off);
+// Sample (Y, X) of plane g, for either kernel's parameters (P: Params or fast::FParams). The plane
+// is picked by selects: indexing the parameter arrays with a run-time g would load them from memory.
+template <class P>
+__host__ __device__ inline unsigned load_sample(const P& p, int g, int Y, int X) {
+    const long long off = (long long)Y * (g ? p.ss[1] : p.ss[0]) + X;
+    const void* base = g ? p.src[1] : p.src[0];
+    if (p.sample_bytes == 1) return NLF_LDG(static_cast<const unsigned char*>(base) + off);
+    return NLF_LDG(static_cast<const unsigned short*>(base) + off);
+}
+
+// Output sample (Y, X) of plane g: the input sample plus the residual, clipped to [0, 2^bd - 1].
+template <class P>
+__host__ __device__ inline void store_filtered(const P& p, int g, int Y, int X, int res) {
+    const int maxv = (1 << p.bd) - 1;
+    int v = (int)load_sample(p, g, Y, X) + res;
+    v = v < 0 ? 0 : (v > maxv ? maxv : v);
+    const long long o = (long long)Y * (g ? p.ds[1] : p.ds[0]) + X;
+    void* base = g ? p.dst[1] : p.dst[0];
+    if (p.sample_bytes == 1) static_cast<unsigned char*>(base)[o] = (unsigned char)v;
+    else static_cast<unsigned short*>(base)[o] = (unsigned short)v;
 }
 
 // One segment for thread `tid` of the block whose tile starts at packed (ty0, tx0).
@@ -259,18 +275,14 @@ __host__ __device__ void run_segment(const Params& p, int l0, int l1, int ty0, i
             for (int c = 0; c < MAXC; ++c)
                 if (c < co) out[c * n + idx] = (int16_t)(inside ? a[c] : 0);
         } else {
-            const int pp = p.ph * p.pw, maxv = (1 << p.bd) - 1;
+            const int pp = p.ph * p.pw;
 #pragma unroll
             for (int c = 0; c < CIO; ++c) {
                 if (c >= p.c0) break;
                 const int g = c / pp, dy = (c % pp) / p.pw, dx = c % p.pw;
                 const int Y = gy * p.ph + dy, X = gx * p.pw + dx;
                 if (Y >= p.H || X >= p.W) continue;
-                int v = (int)load_sample(p, g, Y, X) + a[c];
-                v = v < 0 ? 0 : (v > maxv ? maxv : v);
-                const long long o = (long long)Y * p.ds[g] + X;
-                if (p.sample_bytes == 1) static_cast<unsigned char*>(p.dst[g])[o] = (unsigned char)v;
-                else static_cast<unsigned short*>(p.dst[g])[o] = (unsigned short)v;
+                store_filtered(p, g, Y, X, a[c]);
             }
         }
     }
@@ -404,14 +416,6 @@ __host__ __device__ inline int rq(int acc, int mul, int add, int shf) {
 // keeps the int16 halves of a pair word whose pixels lie inside the picture (the zero padding)
 __host__ __device__ inline int pair_mask(bool in0, bool in1) { return (in0 ? 0xffff : 0) | (in1 ? (int)0xffff0000u : 0); }
 
-// (plane g picked by selects: indexing the parameter arrays with a run-time g would load them)
-__host__ __device__ inline unsigned fload(const FParams& p, int g, int Y, int X) {
-    const long long off = (long long)Y * (g ? p.ss[1] : p.ss[0]) + X;
-    const void* base = g ? p.src[1] : p.src[0];
-    if (p.sample_bytes == 1) return NLF_LDG(static_cast<const unsigned char*>(base) + off);
-    return NLF_LDG(static_cast<const unsigned short*>(base) + off);
-}
-
 // Stage 1 (output of layer 0) over the tile plus a halo of 2: samples -> pack, centre -> pw -> s0.
 template <int CIO, int F>
 __host__ __device__ void seg_a(const FParams& p, int ty0, int tx0, int tid, int nthr, int* s0) {
@@ -434,7 +438,7 @@ __host__ __device__ void seg_a(const FParams& p, int ty0, int tx0, int tid, int 
                 v[c] = 0;
                 if (c < CIO) {
                     const int Y = imin(cyq * p.ph + p.cy[c], p.H - 1), X = imin(cxq * p.pw + p.cx[c], p.W - 1);
-                    const unsigned s = fload(p, p.cg[c], Y, X);
+                    const unsigned s = load_sample(p, p.cg[c], Y, X);
                     bad |= s >> p.bd;
                     v[c] = (int)s - off;
                 }
@@ -523,7 +527,6 @@ __host__ __device__ void seg_b(const FParams& p, int ty0, int tx0, int tid, int 
 template <int CIO, int F>
 __host__ __device__ void seg_c(const FParams& p, int ty0, int tx0, int tid, int nthr, const int* s2) {
     constexpr int RW = TW / 2;
-    const int maxv = (1 << p.bd) - 1;
     for (int it = tid; it < RW * TH; it += nthr) {
         const int r = it / RW, k = it - r * RW;
         const int gy = ty0 + r, gx = tx0 + 2 * k;
@@ -541,12 +544,7 @@ __host__ __device__ void seg_c(const FParams& p, int ty0, int tx0, int tid, int 
                 const int res = rq<false>(acc, p.mul[4][c], p.add[4][c], p.shf[4][c]);
                 const int g = p.cg[c], Y = gy * p.ph + p.cy[c], X = (gx + q) * p.pw + p.cx[c];
                 if (Y >= p.H || X >= p.W) continue;
-                int v = (int)fload(p, g, Y, X) + res;
-                v = v < 0 ? 0 : (v > maxv ? maxv : v);
-                const long long o = (long long)Y * (g ? p.ds[1] : p.ds[0]) + X;
-                void* base = g ? p.dst[1] : p.dst[0];
-                if (p.sample_bytes == 1) static_cast<unsigned char*>(base)[o] = (unsigned char)v;
-                else static_cast<unsigned short*>(base)[o] = (unsigned short)v;
+                store_filtered(p, g, Y, X, res);
             }
         }
     }
@@ -733,11 +731,18 @@ static size_t stage_elems(const HostPlan& hp, int th, int tw) {
     return best;
 }
 
+// HEVC_NLF_CUDA_GENERIC=1 turns the fast path off (to compare the two kernels).
+static bool fast_enabled() {
+    const char* v = std::getenv("HEVC_NLF_CUDA_GENERIC");
+    return !(v && *v && std::strcmp(v, "0") != 0);
+}
+
 // Fast-path plan: true when the network has the shape and ranges the fast kernel handles (see the
-// fast namespace); fills the kernel parameters. hp must come from a successful build_plan.
+// fast namespace) and HEVC_NLF_CUDA_GENERIC does not turn it off; fills the kernel parameters. hp must
+// come from a successful build_plan.
 static bool fast_plan(const nlf_network* net, const HostPlan& hp, fast::FParams& fp, int& F) {
     using namespace fast;
-    if (net->nlayers != 5) return false;
+    if (!fast_enabled() || net->nlayers != 5) return false;
     static const int kinds[5] = {NLF_LAYER_PW, NLF_LAYER_DW, NLF_LAYER_PW, NLF_LAYER_DW, NLF_LAYER_PW};
     const int c0 = hp.p.c0;
     if (c0 > MAXIO || (c0 & (c0 - 1))) return false;  // 1, 2, 4 or 8 input channels
@@ -786,12 +791,6 @@ static bool fast_plan(const nlf_network* net, const HostPlan& hp, fast::FParams&
         }
     }
     return true;
-}
-
-// HEVC_NLF_CUDA_GENERIC=1 turns the fast path off (to compare the two kernels).
-static bool fast_enabled() {
-    const char* v = std::getenv("HEVC_NLF_CUDA_GENERIC");
-    return !(v && *v && std::strcmp(v, "0") != 0);
 }
 
 static void fast_geometry(fast::FParams& fp, const nlf_planes* pl, const Params& p) {
@@ -874,7 +873,7 @@ static int run(const nlf_network* net, const nlf_planes* pl) {
     set_geometry(p, pl);
     fast::FParams fp;
     int fastF = 0;
-    const bool use_fast = fast_enabled() && fast_plan(net, hp, fp, fastF);
+    const bool use_fast = fast_plan(net, hp, fp, fastF);
     // tile: 32 columns x 16 rows, fewer rows if shared memory is short
     p.tw = 32;
     p.th = 16;
@@ -991,7 +990,7 @@ static int run_host(const nlf_network* net, const nlf_planes* pl) {
     }
     fast::FParams fp;
     int fastF = 0;
-    if (fast_enabled() && fast_plan(net, hp, fp, fastF)) {
+    if (fast_plan(net, hp, fp, fastF)) {
         fast_geometry(fp, pl, p);
         unsigned flag = 0;
         fp.range_flag = &flag;
@@ -1068,7 +1067,7 @@ NLF_API int32_t nlf_cuda_kernel_path(const nlf_network* net, const nlf_planes* p
         if (rc != NLF_OK) return rc;
         nlfcu::fast::FParams fp;
         int f = 0;
-        return nlfcu::fast_enabled() && nlfcu::fast_plan(net, hp, fp, f) ? 1 : 0;
+        return nlfcu::fast_plan(net, hp, fp, f) ? 1 : 0;
     } catch (...) {
         return nlfcu::fail(NLF_ERR_INTERNAL, "unexpected C++ exception");
     }
