@@ -407,11 +407,15 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
                                             f"{rtype.name.lower()} {packing} w{qc.weight_bits}b{qc.bias_bits}"
                                             f"s{qc.scale_bits}{tag}"))
 
+    def gain_of(c: _Candidate) -> float:
+        """Σ over pictures of the relative SSE reduction, averaged over the group's planes (so a U+V
+        candidate can lower this while raising the summed SSE of the two planes, or the reverse)."""
+        return sum((b[p] - a[p]) / b[p] for b, a in zip(measure.before, c.sse) for p in range(group.planes)
+                   if b[p] > 0) / group.planes
+
     def cost(c: _Candidate) -> float:
         """Side bits minus what the SSE reduction is worth in bits (mean over the group's planes)."""
-        # Σ over pictures of the relative SSE reduction, averaged over the group's planes
-        gain = sum((b[p] - a[p]) / b[p] for b, a in zip(measure.before, c.sse) for p in range(group.planes)
-                   if b[p] > 0) / group.planes
+        gain = gain_of(c)
         if free_bits:
             return -gain + 1e-12 * c.payload_bytes
         return 8 * c.payload_bytes - worth * gain
@@ -435,8 +439,8 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
         {"weight_bits": best.network.config.weight_bits, "bias_bits": best.network.config.bias_bits,
          "scale_bits": best.network.config.scale_bits} if best.network else None,
         best.payload_bytes, [sum(f) for f in measure.before], [sum(f) for f in best.sse],
-        [{"label": c.label, "bytes": c.payload_bytes, "sse": c.total_sse, "cost": round(cost(c), 1),
-          "allowed": c in allowed} for c in cands], train_seconds)
+        [{"label": c.label, "bytes": c.payload_bytes, "sse": c.total_sse, "gain": gain_of(c),
+          "cost": round(cost(c), 1), "allowed": c in allowed} for c in cands], train_seconds)
     decision.per_plane_after = best.sse  # type: ignore[attr-defined]
     decision.per_plane_before = measure.before  # type: ignore[attr-defined]
     log.info("%s: %s (%d bytes; SSE %d → %d)", label, best.label, best.payload_bytes, before, best.total_sse)

@@ -51,16 +51,22 @@ def test_encode_decode_reproduces_measurement(make_clip, tmp_path, mode):
     for seg in rep["segments"]:
         for g in seg["groups"].values():
             assert g["decision"] in ("off", "reuse", "new", "new_diff")
-    # a group is only filtered when that lowers its SSE (the decision charges bits on top), and the
-    # chosen candidate is the cheapest in SSE + λ·bits among those allowed
+    # a group is only filtered when that lowers its distortion (the decision charges bits on top), and
+    # the chosen candidate is the cheapest in distortion + λ·bits among those allowed. The distortion
+    # gain is the relative SSE reduction averaged over the group's planes: for U+V it can be positive
+    # while the summed SSE of the two planes rises (a large relative gain on the plane with less error)
     for seg in rep["segments"]:
-        for g in seg["groups"].values():
+        for key, g in seg["groups"].items():
             cands = g["candidates"]
             off = next(c for c in cands if c["label"] == "off")
+            assert off["gain"] == 0
             best = min((c for c in cands if c["allowed"]), key=lambda c: c["cost"])
             assert best["bytes"] == g["side_bytes"]
             if g["decision"] != "off":
-                assert best["sse"] < off["sse"]
+                assert best["gain"] > 0
+            if key == "y":  # one plane: the gain has the sign of the SSE reduction
+                for c in cands:
+                    assert (c["gain"] > 0) == (c["sse"] < off["sse"])
     side = read_side_stream(str(tmp_path / "out.nlf"))
     side.check_consistency()
     types = {r.type for r in side.records}

@@ -23,7 +23,10 @@ ranges (see requant_forms in the output); the work per pixel is otherwise the sa
   libx265 at QP 32 (--decode-frames frames; synthetic content if the clip is missing).
 
 Rounds of kernel/torch timing are interleaved and the median is reported, so that a busy machine
-affects both sides of a ratio alike. ``--json`` prints one JSON object; ``--out FILE`` writes it.
+affects both sides of a ratio alike. Each round starts after a pause (--settle-ms, default 20 ms):
+torch's OpenMP workers keep spinning for a few milliseconds after each parallel region, and a kernel
+call started at once shares the cores with them (measured on 2 cores: the 1080p call took 18.0 ms
+right after torch, 11.4 ms after a 5 ms pause, 12.8 ms with no torch in the process). ``--json`` prints one JSON object; ``--out FILE`` writes it.
 """
 
 from __future__ import annotations
@@ -226,11 +229,17 @@ def bench_size(width: int, height: int, kern: kernels.Kernel, args: argparse.Nam
             if width * height <= 1920 * 1080 else None
     inner = args.inner if kern.name == "cuda" else 1  # calls per round on the GPU (short calls)
     device_times: list[float] = []
+    def settle() -> None:  # let the other contender's idle threads stop spinning (see the module text)
+        time.sleep(args.settle_ms / 1e3)
+
     for _ in range(rounds):  # interleaved rounds
+        settle()
         kernel_times.append(mean_ms(run_kernel, inner))
         if torch_ok:
+            settle()
             torch_times.append(mean_ms(run_torch, inner))
         if run_device is not None:
+            settle()
             device_times.append(mean_ms(run_device, inner))
     kernel_ms = statistics.median(kernel_times)
     best_ms = min(kernel_times)
@@ -309,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=None, help="comma-separated WxH list (default: the standard set)")
     ap.add_argument("--repeat", type=int, default=7, help="timing rounds per size (median)")
     ap.add_argument("--inner", type=int, default=20, help="CUDA: calls per timing round (their mean)")
+    ap.add_argument("--settle-ms", type=float, default=20.0,
+                    help="pause before each timed round, so that no contender's spinning threads remain")
     ap.add_argument("--reference-max-pixels", type=int, default=832 * 480,
                     help="time the numpy reference only up to this many luma samples")
     ap.add_argument("--decode-frames", type=int, default=8, help="frames encoded for the decode timing")
@@ -341,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     res: dict[str, Any] = {
         "kernel": kern.name, "isa": getattr(kern, "isa_name", None), "threads": args.threads,
-        "networks": args.networks,
+        "networks": args.networks, "settle_ms": args.settle_ms,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}",
         "torch": __import__("torch").__version__ if torch_ok else None, "rows": [],
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
