@@ -360,11 +360,11 @@ class CudaKernel:
 
 
 # ------------------------------------------------------------------------------ locating / building
-_SOURCES = ("filter_cpu.cpp", "filter_cuda.cu", "nlf_filter.h")
+_SOURCES = ("filter_cpu.cpp", "filter_cuda.cu", "nlf_filter.h", "nlf_network_check.h")
 
 
 def kernel_sources() -> Path | None:
-    """The directory holding ``filter_cpu.cpp``, ``filter_cuda.cu`` and ``nlf_filter.h`` (see
+    """The directory holding ``filter_cpu.cpp``, ``filter_cuda.cu`` and their headers (see
     :func:`hevc_ext.nativebuild.sources_dir`)."""
     return nativebuild.sources_dir(_SOURCES)
 
@@ -428,7 +428,8 @@ def _load_cpu() -> tuple[ctypes.CDLL, Path]:
         reasons.append("no kernel sources" if src is None else "no C++ compiler to build it at first use")
         raise KernelError("C++ kernel unavailable: " + "; ".join(reasons))
     log.info("C++ kernel %s; using the cached build or building it now", reasons[0])
-    out = nativebuild.build_cached("nlf_cpu", cxx, CPU_FLAGS, [src / "filter_cpu.cpp", src / "nlf_filter.h"],
+    out = nativebuild.build_cached("nlf_cpu", cxx, CPU_FLAGS, [src / "filter_cpu.cpp", src / "nlf_filter.h",
+                                                               src / "nlf_network_check.h"],
                                    "the C++ filter kernel")
     return _load(out, _bind_cpu), out
 
@@ -451,7 +452,8 @@ def _load_cuda() -> tuple[ctypes.CDLL, Path]:
     if src is None:
         raise KernelError("CUDA kernel unavailable: kernel sources not found")
     try:
-        out = nativebuild.build_cached("nlf_cuda", nvcc, CUDA_FLAGS, [src / "filter_cuda.cu", src / "nlf_filter.h"],
+        out = nativebuild.build_cached("nlf_cuda", nvcc, CUDA_FLAGS, [src / "filter_cuda.cu", src / "nlf_filter.h",
+                                                                    src / "nlf_network_check.h"],
                                        "the CUDA kernel (a few minutes, once per kernel source and nvcc version)",
                                        level=logging.WARNING)
     except KernelError as exc:

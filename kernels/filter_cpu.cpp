@@ -42,6 +42,7 @@
 #ifndef NLF_ISA_PASS  // ======================================================== common part
 
 #include "nlf_filter.h"
+#include "nlf_network_check.h"
 
 #include <algorithm>
 #include <cstdarg>
@@ -89,18 +90,13 @@ static int fail(int code, const char* fmt, ...) {
     return code;
 }
 
-constexpr int ACT_MAX = 32767;
+constexpr int ACT_MAX = nlf_check::ACT_MAX;
 constexpr int LM = 16;                  // left margin of every ring row (columns)
 constexpr int MAX_CHANNELS = 4096;      // sanity bound on channel counts
-constexpr int64_t MAX_MULT = (int64_t(1) << 31) - 1;
-constexpr int64_t MAX_ABS_BIAS = int64_t(1) << 52;
-constexpr int MAX_SHIFT = 62;
 // requantisation forms, cheapest last (LayerPlan::rq; NLF_RQ_* in nlf_filter.h)
 constexpr int RQ_GENERAL = NLF_RQ_GENERAL;  // 64-bit product, shift and clamp
 constexpr int RQ_HIGH = NLF_RQ_HIGH;        // high dword of acc*M + B
 constexpr int RQ_FOLD = NLF_RQ_FOLD;        // multiplier folded into the int16 weights: (acc' + bround) >> shift
-typedef __int128 i128;
-static const i128 I64_LIMIT = (i128)1 << 63;
 
 // One layer, prepared for the kernels.
 struct LayerPlan {
@@ -184,12 +180,8 @@ struct Scratch {
 
 // ------------------------------------------------------------------------------------ planning
 static int build_plan(const nlf_network* net, int bitdepth, Plan& P) {
-    if (!net) return fail(NLF_ERR_ARG, "network is NULL");
-    if (net->planes != 1 && net->planes != 2)
-        return fail(NLF_ERR_NETWORK, "planes must be 1 or 2, got %d", net->planes);
-    if ((net->ph != 1 && net->ph != 2) || (net->pw != 1 && net->pw != 2))
-        return fail(NLF_ERR_NETWORK, "packing must be 1x1, 1x2, 2x1 or 2x2, got %dx%d", net->ph, net->pw);
-    if (net->nlayers < 1 || !net->layers) return fail(NLF_ERR_NETWORK, "network without layers");
+    int rc = nlf_check::check_network(net, fail);
+    if (rc != NLF_OK) return rc;
     if (net->nlayers > 4096) return fail(NLF_ERR_NETWORK, "too many layers (%d)", net->nlayers);
     P.planes = net->planes;
     P.ph = net->ph;
@@ -199,25 +191,14 @@ static int build_plan(const nlf_network* net, int bitdepth, Plan& P) {
     P.bitdepth = bitdepth;
     P.L.assign(net->nlayers, LayerPlan());
     int cin = P.c0;
-    // input range of the current layer
-    int64_t in_lo = -(int64_t(1) << (bitdepth - 1)), in_hi = (int64_t(1) << (bitdepth - 1)) - 1;
+    int64_t in_lo, in_hi;  // input range of the current layer
+    nlf_check::first_input_range(bitdepth, in_lo, in_hi);
     for (int i = 0; i < net->nlayers; ++i) {
         const nlf_layer& src = net->layers[i];
         LayerPlan& L = P.L[i];
-        const bool last = i == net->nlayers - 1;
-        if (src.kind != NLF_LAYER_PW && src.kind != NLF_LAYER_DW)
-            return fail(NLF_ERR_NETWORK, "layer %d: unknown kind %d", i + 1, src.kind);
-        if (!src.weight || !src.mult || !src.bias || !src.shift)
-            return fail(NLF_ERR_NETWORK, "layer %d: NULL array", i + 1);
-        if (src.cin != cin)
-            return fail(NLF_ERR_NETWORK, "layer %d: takes %d inputs, previous layer gives %d", i + 1, src.cin, cin);
-        if (src.cout < 1 || src.cout > MAX_CHANNELS)
+        if ((rc = nlf_check::check_layer(net, i, cin, P.c0, fail)) != NLF_OK) return rc;
+        if (src.cout > MAX_CHANNELS)
             return fail(NLF_ERR_NETWORK, "layer %d: %d output channels", i + 1, src.cout);
-        if (src.kind == NLF_LAYER_DW && src.cout != src.cin)
-            return fail(NLF_ERR_NETWORK, "layer %d: depth-wise layer with %d inputs and %d outputs", i + 1,
-                        src.cin, src.cout);
-        if (last && src.cout != P.c0)
-            return fail(NLF_ERR_NETWORK, "last layer has %d outputs, expected %d", src.cout, P.c0);
         L.kind = src.kind;
         L.cin = src.cin;
         L.cout = src.cout;
@@ -226,7 +207,7 @@ static int build_plan(const nlf_network* net, int bitdepth, Plan& P) {
         L.relu = src.relu != 0;
         L.lo = L.relu ? 0 : -32768;
         L.hi = ACT_MAX;
-        const int taps = src.kind == NLF_LAYER_PW ? src.cin : 9;
+        const int taps = nlf_check::taps(src);
         const int cpad = 2 * L.pout;
         L.w.assign((size_t)cpad * taps, 0);
         L.mult.assign(cpad, 0);
@@ -238,67 +219,26 @@ static int build_plan(const nlf_network* net, int bitdepth, Plan& P) {
         L.s32.assign(cpad, 0);
         bool fast = true, fold = true;
         for (int f = 0; f < src.cout; ++f) {
-            int64_t amin = 0, amax = 0;
-            for (int k = 0; k < taps; ++k) {
-                const int32_t w = src.weight[(size_t)f * taps + k];
-                if (w < -32767 || w > 32767)
-                    return fail(NLF_ERR_NETWORK, "layer %d: weight %d out of range", i + 1, (int)w);
-                L.w[(size_t)f * taps + k] = w;
-                if (w >= 0) {
-                    amin += w * in_lo;
-                    amax += w * in_hi;
-                } else {
-                    amin += w * in_hi;
-                    amax += w * in_lo;
-                }
+            nlf_check::Channel c;
+            if ((rc = nlf_check::analyse_channel(src, i, f, in_lo, in_hi, c, fail)) != NLF_OK) return rc;
+            for (int k = 0; k < taps; ++k) L.w[(size_t)f * taps + k] = src.weight[(size_t)f * taps + k];
+            L.mult[f] = c.mult;
+            L.bround[f] = c.br;
+            L.shift[f] = c.shift;
+            if (c.high) {  // high-dword form: z = (acc*M + B) >> 32
+                L.fm[f] = c.M;
+                L.fb[f] = c.B;
             }
-            if (amin < INT32_MIN || amax > INT32_MAX)
-                return fail(NLF_ERR_NETWORK, "layer %d: accumulator may exceed 32 bits", i + 1);
-            const int64_t m = src.mult[f], b = src.bias[f], s = src.shift[f];
-            if (m < 0 || m > MAX_MULT)
-                return fail(NLF_ERR_NETWORK, "layer %d: multiplier out of range 0..%lld", i + 1, (long long)MAX_MULT);
-            if (s < 0 || s > MAX_SHIFT)
-                return fail(NLF_ERR_NETWORK, "layer %d: shift out of range 0..%d", i + 1, MAX_SHIFT);
-            if (b < -MAX_ABS_BIAS || b > MAX_ABS_BIAS)
-                return fail(NLF_ERR_NETWORK, "layer %d: bias out of range", i + 1);
-            const int64_t br = b + ((int64_t(1) << s) >> 1);
-            const i128 t1 = (i128)amin * m + br, t2 = (i128)amax * m + br;
-            if (t1 >= I64_LIMIT || t1 < -I64_LIMIT || t2 >= I64_LIMIT || t2 < -I64_LIMIT)
-                return fail(NLF_ERR_NETWORK, "layer %d: product may exceed 64 bits", i + 1);
-            L.mult[f] = m;
-            L.bround[f] = br;
-            L.shift[f] = s;
-            // high-dword form: z = (acc*M + B) >> 32
-            bool ok = s <= 32;
-            if (ok) {
-                const i128 scale = (i128)1 << (32 - s);  // multiply, not shift: br may be negative
-                const i128 M = (i128)m * scale, B = (i128)br * scale;
-                ok = M <= (i128)INT32_MAX && B < I64_LIMIT && B >= -I64_LIMIT;
-                if (ok) {
-                    const i128 u1 = (i128)amin * M + B, u2 = (i128)amax * M + B;
-                    ok = u1 < I64_LIMIT && u1 >= -I64_LIMIT && u2 < I64_LIMIT && u2 >= -I64_LIMIT;
-                }
-                if (ok) {
-                    L.fm[f] = (int64_t)M;
-                    L.fb[f] = (int64_t)B;
-                }
-            }
-            fast = fast && ok;
-            // folded form: every w*m is an int16 and acc*m + br (the accumulation started at br) stays
-            // inside int32, so the 32-bit wrapping sum is exact; an arithmetic shift by s >= 32 gives the
-            // sign (0 or -1), which is the floor of a value with |v| < 2^31 divided by 2^s
-            bool fok = true;
+            fast = fast && c.high;
+            // folded form (the SIMD weights are int16): every w*m is an int16 as well
+            bool fok = c.fits32;
             for (int k = 0; k < taps && fok; ++k) {
-                const int64_t wm = (int64_t)L.w[(size_t)f * taps + k] * m;
+                const int64_t wm = (int64_t)L.w[(size_t)f * taps + k] * c.mult;
                 fok = wm >= -32768 && wm <= 32767;
             }
             if (fok) {
-                const i128 v1 = (i128)amin * m + br, v2 = (i128)amax * m + br;
-                fok = v1 >= INT32_MIN && v2 <= INT32_MAX;
-            }
-            if (fok) {
-                L.b32[f] = (int32_t)br;
-                L.s32[f] = (int32_t)s;
+                L.b32[f] = (int32_t)c.br;
+                L.s32[f] = c.shift;
             }
             fold = fold && fok;
         }
@@ -347,8 +287,7 @@ static int build_plan(const nlf_network* net, int bitdepth, Plan& P) {
                 for (int lane = 0; lane < 16; ++lane) L.wv[L.wvo + k * 16 + lane] = L.wp[k];
         }
         cin = src.cout;
-        in_lo = L.relu ? 0 : -32768;
-        in_hi = ACT_MAX;
+        nlf_check::next_input_range(src, in_lo, in_hi);
     }
     // halo bookkeeping
     int d = 0;

@@ -32,6 +32,7 @@
 //   its threads between barriers. Threads of one segment never depend on each other.
 
 #include "nlf_filter.h"
+#include "nlf_network_check.h"
 
 #include <cuda_runtime.h>
 
@@ -49,8 +50,6 @@ namespace nlfcu {
 constexpr int MAX_LAYERS = 64;
 constexpr int MAX_CH = 32;  // hidden channels this kernel handles (Architecture allows 1..32)
 constexpr int NT = 256;     // threads per block
-constexpr int64_t MAX_MULT = (int64_t(1) << 31) - 1;
-constexpr int64_t MAX_ABS_BIAS = int64_t(1) << 52;
 
 static thread_local char g_err[512] = "";
 
@@ -610,15 +609,12 @@ static int round_channels(int c) { return c <= 8 ? 8 : (c <= 12 ? 12 : (c <= 16 
 
 // Validate the network (same rules as the CPU kernel) and lay out the constants.
 static int build_plan(const nlf_network* net, const nlf_planes* pl, HostPlan& hp) {
-    if (!net || !pl) return fail(NLF_ERR_ARG, "NULL argument");
-    if (net->planes != 1 && net->planes != 2) return fail(NLF_ERR_NETWORK, "planes must be 1 or 2");
-    if ((net->ph != 1 && net->ph != 2) || (net->pw != 1 && net->pw != 2))
-        return fail(NLF_ERR_NETWORK, "packing must be 1x1, 1x2, 2x1 or 2x2");
-    if (net->nlayers < 1 || !net->layers) return fail(NLF_ERR_NETWORK, "network without layers");
+    if (!pl) return fail(NLF_ERR_ARG, "NULL argument");
+    int rc = nlf_check::check_network(net, fail);
+    if (rc != NLF_OK) return rc;
     if (net->nlayers > MAX_LAYERS)
         return fail(NLF_ERR_UNSUPPORTED, "the CUDA kernel handles at most %d layers", MAX_LAYERS);
     const int c0 = net->planes * net->ph * net->pw;
-    const int bd = pl->bitdepth;
     Params& p = hp.p;
     std::memset(&p, 0, sizeof p);
     p.planes = net->planes;
@@ -627,29 +623,28 @@ static int build_plan(const nlf_network* net, const nlf_planes* pl, HostPlan& hp
     p.c0 = c0;
     p.nlayers = net->nlayers;
     hp.cio = c0 <= 1 ? 1 : (c0 <= 2 ? 2 : (c0 <= 4 ? 4 : 8));
+    int cin = c0;
+    for (int i = 0; i < net->nlayers; ++i) {  // shapes first: the channel limit below reads every cout
+        if ((rc = nlf_check::check_layer(net, i, cin, c0, fail)) != NLF_OK) return rc;
+        cin = net->layers[i].cout;
+    }
     int hidden = 1;
     for (int i = 0; i + 1 < net->nlayers; ++i) hidden = std::max(hidden, net->layers[i].cout);
     if (hidden > MAX_CH)
         return fail(NLF_ERR_UNSUPPORTED, "the CUDA kernel handles at most %d channels per layer", MAX_CH);
     hp.maxc = round_channels(hidden);
-    int cin = c0;
-    long long in_lo = -(1LL << (bd - 1)), in_hi = (1LL << (bd - 1)) - 1;
+    int64_t in_lo, in_hi;  // input range of the current layer
+    nlf_check::first_input_range(pl->bitdepth, in_lo, in_hi);
     hp.wts.clear();
     hp.chans.clear();
     for (int i = 0; i < net->nlayers; ++i) {
         const nlf_layer& s = net->layers[i];
         const bool last = i == net->nlayers - 1;
-        if (s.kind != NLF_LAYER_PW && s.kind != NLF_LAYER_DW) return fail(NLF_ERR_NETWORK, "layer %d: unknown kind", i + 1);
-        if (!s.weight || !s.mult || !s.bias || !s.shift) return fail(NLF_ERR_NETWORK, "layer %d: NULL array", i + 1);
-        if (s.cin != cin) return fail(NLF_ERR_NETWORK, "layer %d: takes %d inputs, previous layer gives %d", i + 1, s.cin, cin);
-        if (s.cout < 1) return fail(NLF_ERR_NETWORK, "layer %d: no outputs", i + 1);
-        if (s.kind == NLF_LAYER_DW && s.cout != s.cin) return fail(NLF_ERR_NETWORK, "layer %d: depth-wise cin != cout", i + 1);
-        if (last && s.cout != c0) return fail(NLF_ERR_NETWORK, "last layer has %d outputs, expected %d", s.cout, c0);
         LayerDev& L = p.L[i];
         L.kind = s.kind;
         L.ci = i == 0 ? hp.cio : hp.maxc;
         L.co = last ? hp.cio : hp.maxc;
-        const int taps = s.kind == NLF_LAYER_PW ? s.cin : 9;
+        const int taps = nlf_check::taps(s);
         // weights, padded: pw [co][ci], dw [co][12]
         L.woff = (int)hp.wts.size();
         const int wrow = s.kind == NLF_LAYER_PW ? L.ci : 12;
@@ -657,56 +652,33 @@ static int build_plan(const nlf_network* net, const nlf_planes* pl, HostPlan& hp
         hp.wts.resize((hp.wts.size() + 3) / 4 * 4, 0);
         L.coff = (int)hp.chans.size();
         hp.chans.resize(hp.chans.size() + L.co);
-        const int32_t lo = s.relu ? 0 : -32768, hi = 32767;
+        const int32_t lo = s.relu ? 0 : -32768, hi = nlf_check::ACT_MAX;
         for (int f = L.coff; f < L.coff + L.co; ++f) hp.chans[f] = Chan{0, 0, 0, lo, hi, 0, 0};
         for (int f = 0; f < s.cout; ++f) {
-            long long amin = 0, amax = 0;
-            for (int k = 0; k < taps; ++k) {
-                const int w = s.weight[(size_t)f * taps + k];
-                if (w < -32767 || w > 32767) return fail(NLF_ERR_NETWORK, "layer %d: weight out of range", i + 1);
-                hp.wts[L.woff + (size_t)f * wrow + k] = w;
-                if (w >= 0) { amin += w * in_lo; amax += w * in_hi; }
-                else { amin += w * in_hi; amax += w * in_lo; }
-            }
-            if (amin < INT32_MIN || amax > INT32_MAX)
-                return fail(NLF_ERR_NETWORK, "layer %d: accumulator may exceed 32 bits", i + 1);
-            const long long m = s.mult[f], b = s.bias[f], sh = s.shift[f];
-            if (m < 0 || m > MAX_MULT) return fail(NLF_ERR_NETWORK, "layer %d: multiplier out of range", i + 1);
-            if (sh < 0 || sh > 62) return fail(NLF_ERR_NETWORK, "layer %d: shift out of range", i + 1);
-            if (b < -MAX_ABS_BIAS || b > MAX_ABS_BIAS) return fail(NLF_ERR_NETWORK, "layer %d: bias out of range", i + 1);
-            const long long br = b + ((1LL << sh) >> 1);
-            const __int128 t1 = (__int128)amin * m + br, t2 = (__int128)amax * m + br;
-            const __int128 lim = (__int128)1 << 63;
-            if (t1 >= lim || t1 < -lim || t2 >= lim || t2 < -lim)
-                return fail(NLF_ERR_NETWORK, "layer %d: product may exceed 64 bits", i + 1);
+            nlf_check::Channel a;
+            if ((rc = nlf_check::analyse_channel(s, i, f, in_lo, in_hi, a, fail)) != NLF_OK) return rc;
+            for (int k = 0; k < taps; ++k) hp.wts[L.woff + (size_t)f * wrow + k] = s.weight[(size_t)f * taps + k];
             Chan& c = hp.chans[L.coff + f];
-            c.mul = (int)m;  // m <= 2^31 - 1
-            c.add = br;
-            c.shift = (int)sh;
-            if ((__int128)amin * m + br >= INT32_MIN && (__int128)amax * m + br <= INT32_MAX) {
+            c.mul = (int)a.mult;  // mult <= 2^31 - 1
+            c.add = a.br;
+            c.shift = a.shift;
+            if (a.fits32) {
                 // folded: products and partial sums wrap consistently mod 2^32 and the final
                 // acc*m + br lies inside int32, so the 32-bit result is exact; a shift by >= 31 of a
                 // value with |v| < 2^31 is its sign, the floor of v / 2^shift
                 for (int k = 0; k < taps; ++k) {
                     int& w = hp.wts[L.woff + (size_t)f * wrow + k];
-                    w = (int)(unsigned)((long long)w * m);
+                    w = (int)(unsigned)((long long)w * a.mult);
                 }
                 c.fold = 1;
-                c.shift = (int)std::min<long long>(sh, 31);
-            } else if (sh <= 32) {  // high-dword form when exact: one 64-bit shift by 32 (cheaper on the GPU)
-                const __int128 scale = (__int128)1 << (32 - sh);  // multiply: br may be negative
-                const __int128 M = (__int128)m * scale, B = (__int128)br * scale;
-                const __int128 u1 = (__int128)amin * M + B, u2 = (__int128)amax * M + B;
-                if (M <= INT32_MAX && B < lim && B >= -lim && u1 < lim && u1 >= -lim && u2 < lim && u2 >= -lim) {
-                    c.mul = (int)M;  // M <= INT32_MAX
-                    c.add = (long long)B;
-                    c.shift = 32;
-                }
+                c.shift = std::min(a.shift, 31);
+            } else if (a.high) {  // high-dword form when exact: one 64-bit shift by 32 (cheaper on the GPU)
+                c.mul = (int)a.M;  // M <= INT32_MAX
+                c.add = a.B;
+                c.shift = 32;
             }
         }
-        cin = s.cout;
-        in_lo = s.relu ? 0 : -32768;
-        in_hi = 32767;
+        nlf_check::next_input_range(s, in_lo, in_hi);
     }
     int d = 0;
     p.D[net->nlayers] = 0;

@@ -389,6 +389,45 @@ def test_invalid_network_is_a_kernel_error(kernel: kernels.Kernel) -> None:
     assert issubclass(KernelError, NlfError) and issubclass(KernelError, RuntimeError)
 
 
+def _invalid_networks() -> dict[str, IntNetwork]:
+    """Networks the kernels must refuse, one per check of kernels/nlf_network_check.h."""
+    rng = np.random.default_rng(2)
+    net = reference.random_network(rng, Group.Y, Packing(2, 2))
+    L = net.layers
+
+    def with_layer(i: int, **kw: object) -> IntNetwork:
+        return IntNetwork(net.group, net.packing, L[:i] + (replace(L[i], **kw),) + L[i + 1:])
+
+    one = np.ones_like(L[2].mult)
+    return {
+        "weight": with_layer(1, weight=np.where(np.arange(9).reshape(1, 3, 3) == 4, 40000, L[1].weight)),
+        "accumulator": with_layer(2, weight=np.full_like(L[2].weight, reference.MAX_ABS_WEIGHT)),
+        "multiplier": with_layer(2, mult=one * (1 << 31)),
+        "shift": with_layer(2, shift=one * 63),
+        "bias": with_layer(2, bias=one * ((1 << 52) + 1)),
+        "inputs": with_layer(2, weight=L[2].weight[:, :5]),
+        "outputs": IntNetwork(net.group, net.packing, L[:-1]),
+    }
+
+
+def test_cpu_and_cuda_refuse_the_same_networks() -> None:
+    """Both kernels check networks with one piece of code (nlf_network_check.h): every invalid network
+    is refused by each with the same message. The CUDA side runs its plan on the host (nvcc, no device)."""
+    cpu = kernels.get_kernel("cpu")
+    have_cuda = kernels.find_nvcc() is not None and kernels.kernel_sources() is not None
+    for what, bad in _invalid_networks().items():
+        (y,) = _planes(np.random.default_rng(0), Group.Y, (8, 8), 8)
+        with pytest.raises(KernelError) as cpu_err:
+            cpu.filter_planes([y], bad, 8)
+        assert "invalid network" in str(cpu_err.value)
+        detail = str(cpu_err.value).split("): ", 1)[1]
+        assert what in detail, (what, detail)
+        if have_cuda:
+            with pytest.raises(KernelError) as cuda_err:
+                kernels.cuda_kernel_path(bad, 8)
+            assert str(cuda_err.value).split("): ", 1)[1] == detail, what
+
+
 # ------------------------------------------------------------------------------------ loader
 @pytest.fixture
 def isolated_loader(monkeypatch: pytest.MonkeyPatch, tmp_path):  # type: ignore[no-untyped-def]
