@@ -14,6 +14,7 @@ import math
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -517,6 +518,11 @@ class DecodeReport:
     bitdepth: int = 0
 
 
+def _update_hash(hasher: PictureHash, planes: list[np.ndarray]) -> None:
+    for p in planes:
+        hasher.update(p)
+
+
 class FrameFilter:
     """Applies a side stream's records to decoded pictures in display order and verifies the hashes.
 
@@ -524,7 +530,10 @@ class FrameFilter:
     :meth:`process`, call :meth:`finish` at the end.
     """
 
-    def __init__(self, side: SideStream | None, kernel: Any, origin: str) -> None:
+    def __init__(self, side: SideStream | None, kernel: Any, origin: str, *, hash_in_thread: bool = False) -> None:
+        """``hash_in_thread``: hash each filtered picture in a worker thread (hashlib and zlib release the
+        GIL) while the caller writes it and decodes the next one; only for callers that do not modify
+        the returned pictures before the next :meth:`process` or :meth:`finish` call."""
         self.side, self.kernel, self.origin = side, kernel, origin
         self.index = 0
         self.records = {g: [] for g in (Group.Y, Group.UV)}
@@ -533,6 +542,9 @@ class FrameFilter:
         self._nets: dict[int, IntNetwork] = {}
         self._hash: dict[Group, PictureHash | None] = {Group.Y: None, Group.UV: None}
         self._pos = {Group.Y: 0, Group.UV: 0}
+        self._hash_async = hash_in_thread  # one picture in flight at most
+        self._hasher: ThreadPoolExecutor | None = None
+        self._in_flight: list[Future] = []
         if side is not None:
             side.check_consistency()
             for g in (Group.Y, Group.UV):
@@ -554,7 +566,24 @@ class FrameFilter:
             self._nets[key] = derive(rec.network, bitdepth)  # type: ignore[arg-type]
         return self._nets[key]
 
+    def _hash_planes(self, hasher: PictureHash, planes: list[np.ndarray]) -> Future:
+        if not self._hash_async:
+            done: Future = Future()
+            done.set_result(_update_hash(hasher, planes))
+            return done
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="hevc-nlf-hash")
+        fut = self._hasher.submit(_update_hash, hasher, planes)
+        self._in_flight.append(fut)
+        return fut
+
+    def _wait_hashing(self) -> None:
+        for fut in self._in_flight:
+            fut.result()
+        self._in_flight = []
+
     def process(self, frame: Frame, bitdepth: int) -> Frame:
+        self._wait_hashing()  # the previous picture's (bounded memory)
         i = self.index
         self.index += 1
         side = self.side
@@ -580,9 +609,9 @@ class FrameFilter:
                     if i == rec.first_frame:
                         self._hash[group] = PictureHash(h.hash_type)
                     hasher = self._hash[group]
-                    for p in out:
-                        hasher.update(p)  # type: ignore[union-attr]
+                    hashed = self._hash_planes(hasher, out)  # type: ignore[arg-type]
                     if i == rec.first_frame + rec.frame_count - 1:
+                        hashed.result()
                         digest = hasher.digest()  # type: ignore[union-attr]
                         if digest != rec.output_hash:
                             raise MismatchError(
@@ -595,7 +624,16 @@ class FrameFilter:
                     self.filtered += 1
         return Frame(*planes)
 
+    def close(self) -> None:
+        """Stop the hashing thread (process() starts it again if needed)."""
+        if self._hasher is not None:
+            self._in_flight = []
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
+
     def finish(self) -> None:
+        self._wait_hashing()
+        self.close()
         if self.side is not None:
             total = self.side.header.frame_count
             if total and self.index != total:
@@ -631,13 +669,14 @@ def decode(stream_path: str, output: str, side_path: str | None = None, *, kerne
     stream_data, embedded = (strip(raw, stream_path), None) if side is not None else extract(raw, stream_path)
     side = side if side is not None else embedded  # in-band SEI records (docs/sei.md), if any
     k = get_kernel(kernel)
-    filt = FrameFilter(side, k, side_path or stream_path)
+    # the writer only reads the pictures: their hashing can overlap the output and the next decode
+    filt = FrameFilter(side, k, side_path or stream_path, hash_in_thread=True)
     as_y4m = y4m if y4m is not None else (output == "-" or is_y4m_name(output))
     rate = Fraction(fps) if fps is not None else (side.header.fps if side else Fraction(25))
     decoder = HevcDecoder()
     writer = None
     fmt = None
-    with atomic_output(output) as handle:
+    with contextlib.closing(filt), atomic_output(output) as handle:
         for frame in decode_frames(stream_data, decoder):
             if writer is None:
                 h, w = frame.y.shape

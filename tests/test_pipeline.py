@@ -184,6 +184,41 @@ def test_damaged_and_foreign_side_streams(make_clip, tmp_path, capsys):
     assert "another encode" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("in_thread", [True, False], ids=["hash-in-thread", "hash-inline"])
+def test_output_hash_mismatch_is_detected(make_clip, tmp_path, in_thread):
+    """The per-record hash of the filtered pictures is checked whether it is computed in the worker
+    thread (the file decoder) or inline (the streaming API): a wrong one fails the decode, at the
+    record's last picture, and leaves no output; the right ones are all verified."""
+    import dataclasses
+
+    from hevc_ext.pipeline import FrameFilter
+    from hevc_ext.kernels import get_kernel
+
+    clip = make_clip(n=8, width=64, height=48)
+    encode(str(clip), str(tmp_path / "s"), _config("ra"))
+    side = read_side_stream(str(tmp_path / "s.nlf"))
+    frames = list(decode_frames(tmp_path / "s.hevc"))
+    filt = FrameFilter(side, get_kernel("auto"), "s.nlf", hash_in_thread=in_thread)
+    for f in frames:
+        filt.process(f, 8)
+    filt.finish()
+    assert filt.verified == sum(r.type is not RecordType.OFF for r in side.records) > 0
+    k, rec = next((k, r) for k, r in enumerate(side.records) if r.type is not RecordType.OFF)
+    wrong = bytes(b ^ 0xFF for b in rec.output_hash)
+    records = side.records[:k] + (dataclasses.replace(rec, output_hash=wrong),) + side.records[k + 1:]
+    bad = dataclasses.replace(side, records=records)
+    filt = FrameFilter(bad, get_kernel("auto"), "bad.nlf", hash_in_thread=in_thread)
+    with pytest.raises(MismatchError, match="do not match"):
+        for i, f in enumerate(frames):
+            filt.process(f, 8)
+    assert i == rec.first_frame + rec.frame_count - 1
+    filt.close()
+    (tmp_path / "bad.nlf").write_bytes(bad.to_bytes())
+    with pytest.raises(MismatchError, match="do not match"):
+        decode(str(tmp_path / "s.hevc"), str(tmp_path / "o.yuv"), str(tmp_path / "bad.nlf"))
+    assert not (tmp_path / "o.yuv").exists()
+
+
 def test_decode_to_stdout_is_y4m(make_clip, tmp_path, monkeypatch, capsysbinary):
     clip = make_clip(n=3, width=64, height=48)
     encode(str(clip), str(tmp_path / "s"), _config("ra"))
