@@ -409,8 +409,8 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
                                             f"s{qc.scale_bits}{tag}"))
 
     def gain_of(c: _Candidate) -> float:
-        """Σ over pictures of the relative SSE reduction, averaged over the group's planes (so a U+V
-        candidate can lower this while raising the summed SSE of the two planes, or the reverse)."""
+        """Σ over pictures of the relative SSE reduction, averaged over the group's planes (so it can be
+        positive while the summed SSE rises, or the reverse: pictures and planes weigh alike)."""
         return sum((b[p] - a[p]) / b[p] for b, a in zip(measure.before, c.sse) for p in range(group.planes)
                    if b[p] > 0) / group.planes
 
@@ -566,11 +566,11 @@ class FrameFilter:
             self._nets[key] = derive(rec.network, bitdepth)  # type: ignore[arg-type]
         return self._nets[key]
 
-    def _hash_planes(self, hasher: PictureHash, planes: list[np.ndarray]) -> Future:
+    def _hash_planes(self, hasher: PictureHash, planes: list[np.ndarray]) -> Future | None:
+        """Feed ``planes`` to ``hasher``: in the worker thread (returns its future) or here (None)."""
         if not self._hash_async:
-            done: Future = Future()
-            done.set_result(_update_hash(hasher, planes))
-            return done
+            _update_hash(hasher, planes)
+            return None
         if self._hasher is None:
             self._hasher = ThreadPoolExecutor(1, thread_name_prefix="hevc-nlf-hash")
         fut = self._hasher.submit(_update_hash, hasher, planes)
@@ -611,7 +611,8 @@ class FrameFilter:
                     hasher = self._hash[group]
                     hashed = self._hash_planes(hasher, out)  # type: ignore[arg-type]
                     if i == rec.first_frame + rec.frame_count - 1:
-                        hashed.result()
+                        if hashed is not None:
+                            hashed.result()
                         digest = hasher.digest()  # type: ignore[union-attr]
                         if digest != rec.output_hash:
                             raise MismatchError(

@@ -98,7 +98,8 @@ class PictureHash:
 
     def update(self, plane: np.ndarray) -> None:
         # the samples' bytes, without a copy when the plane is contiguous (hashlib and zlib read buffers)
-        data = np.ascontiguousarray(plane, dtype=np.uint8 if plane.dtype == np.uint8 else "<u2").reshape(-1).view(np.uint8)
+        samples = np.ascontiguousarray(plane, dtype=np.uint8 if plane.dtype == np.uint8 else "<u2")
+        data = samples.reshape(-1).view(np.uint8)
         if self._md5 is not None:
             self._md5.update(data)
         elif self.hash_type is HashType.CRC32:

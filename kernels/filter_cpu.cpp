@@ -205,7 +205,7 @@ static int build_plan(const nlf_network* net, int bitdepth, Plan& P) {
         L.pin = (src.cin + 1) / 2;
         L.pout = (src.cout + 1) / 2;
         L.relu = src.relu != 0;
-        L.lo = L.relu ? 0 : -32768;
+        L.lo = nlf_check::output_min(src);
         L.hi = ACT_MAX;
         const int taps = nlf_check::taps(src);
         const int cpad = 2 * L.pout;
@@ -287,7 +287,8 @@ static int build_plan(const nlf_network* net, int bitdepth, Plan& P) {
                 for (int lane = 0; lane < 16; ++lane) L.wv[L.wvo + k * 16 + lane] = L.wp[k];
         }
         cin = src.cout;
-        nlf_check::next_input_range(src, in_lo, in_hi);
+        in_lo = L.lo;
+        in_hi = L.hi;
     }
     // halo bookkeeping
     int d = 0;

@@ -652,7 +652,7 @@ static int build_plan(const nlf_network* net, const nlf_planes* pl, HostPlan& hp
         hp.wts.resize((hp.wts.size() + 3) / 4 * 4, 0);
         L.coff = (int)hp.chans.size();
         hp.chans.resize(hp.chans.size() + L.co);
-        const int32_t lo = s.relu ? 0 : -32768, hi = nlf_check::ACT_MAX;
+        const int32_t lo = nlf_check::output_min(s), hi = nlf_check::ACT_MAX;
         for (int f = L.coff; f < L.coff + L.co; ++f) hp.chans[f] = Chan{0, 0, 0, lo, hi, 0, 0};
         for (int f = 0; f < s.cout; ++f) {
             nlf_check::Channel a;
@@ -678,7 +678,8 @@ static int build_plan(const nlf_network* net, const nlf_planes* pl, HostPlan& hp
                 c.shift = 32;
             }
         }
-        nlf_check::next_input_range(s, in_lo, in_hi);
+        in_lo = lo;
+        in_hi = hi;
     }
     int d = 0;
     p.D[net->nlayers] = 0;

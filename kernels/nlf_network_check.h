@@ -62,15 +62,13 @@ inline int check_layer(const nlf_network* net, int i, int cin, int c0, FailFn fa
 // Weights per output channel: cin for a point-wise layer, 9 for a depth-wise one.
 inline int taps(const nlf_layer& s) { return s.kind == NLF_LAYER_PW ? s.cin : 9; }
 
-// Input range of the first layer (centred samples) and of the layer after s (its clamp).
+// Input range of the first layer (centred samples).
 inline void first_input_range(int bitdepth, int64_t& lo, int64_t& hi) {
     lo = -(int64_t(1) << (bitdepth - 1));
     hi = (int64_t(1) << (bitdepth - 1)) - 1;
 }
-inline void next_input_range(const nlf_layer& s, int64_t& lo, int64_t& hi) {
-    lo = s.relu ? 0 : -32768;
-    hi = ACT_MAX;
-}
+// The clamp of layer s's output, which is the next layer's input range.
+inline int32_t output_min(const nlf_layer& s) { return s.relu ? 0 : -32768; }
 
 // One output channel, analysed over the layer's input range.
 struct Channel {
