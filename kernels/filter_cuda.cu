@@ -724,13 +724,13 @@ static bool fast_plan(const nlf_network* net, const HostPlan& hp, fast::FParams&
     for (int i = 0; i < 5; ++i) {
         const nlf_layer& s = net->layers[i];
         if (s.kind != kinds[i] || (i < 4 && s.cout != hidden) || (s.relu != 0) != (i < 4)) return false;
-        const int taps = s.kind == NLF_LAYER_PW ? s.cin : 9;
+        const int taps = nlf_check::taps(s);
         for (int k = 0; k < s.cout * taps; ++k)
             if (s.weight[k] < -128 || s.weight[k] > 127) return false;
         for (int f = 0; f < s.cout; ++f)
             if (!hp.chans[hp.p.L[i].coff + f].fold) return false;  // acc*mult + bias + round fits int32
     }
-    F = hidden <= 8 ? 8 : (hidden <= 12 ? 12 : 16);
+    F = hp.maxc;  // 8, 12 or 16: every hidden layer has `hidden` channels
     std::memset(&fp, 0, sizeof fp);
     fp.ph = net->ph;
     fp.pw = net->pw;
@@ -749,7 +749,7 @@ static bool fast_plan(const nlf_network* net, const HostPlan& hp, fast::FParams&
             fp.mul[i][f] = (int)s.mult[f];
             fp.add[i][f] = (int)c.add;  // bias + round, inside int32 (fold)
             fp.shf[i][f] = c.shift;     // min(shift, 31)
-            const int32_t* w = s.weight + (size_t)f * (s.kind == NLF_LAYER_PW ? s.cin : 9);
+            const int32_t* w = s.weight + (size_t)f * nlf_check::taps(s);
             if (s.kind == NLF_LAYER_DW) {
                 int* d = i == 1 ? fp.d1 : fp.d3;
                 for (int ky = 0; ky < 3; ++ky) {
