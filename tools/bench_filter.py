@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hevc_ext import kernels, reference  # noqa: E402
-from hevc_ext.arch import Architecture, Group, Packing  # noqa: E402
+from hevc_ext.arch import Architecture, Group  # noqa: E402
+from hevc_ext.pipeline import default_packing  # noqa: E402
 from hevc_ext.quant import QuantConfig  # noqa: E402
 
 CPU_SIZES = ((416, 240), (832, 480), (1280, 720), (1920, 1080), (2560, 1600))
@@ -68,14 +69,6 @@ NETWORK_RANGES = {  # random_network keyword arguments per --networks choice
     "signalled": {"weight_max": QuantConfig().wmax, "mult_bits": QuantConfig().scale_bits},
     "wide": {"weight_max": 127, "mult_bits": 8},
 }
-
-
-def luma_packing(width: int, height: int) -> Packing:
-    if width * height >= 2560 * 1600:
-        return Packing(2, 2)
-    if width * height >= 1920 * 1080:
-        return Packing(1, 2)
-    return Packing(1, 1)
 
 
 @dataclass
@@ -175,7 +168,7 @@ def decode_ms_1080p(seqdir: Path, frames: int, threads: int) -> tuple[float, flo
 def bench_size(width: int, height: int, kern: kernels.Kernel, args: argparse.Namespace, seqdir: Path,
                rng: np.random.Generator, torch_ok: bool) -> dict[str, Any]:
     arch = Architecture()
-    pk_y, pk_uv = luma_packing(width, height), Packing(1, 1)
+    pk_y, pk_uv = default_packing(width, height, Group.Y), default_packing(width, height, Group.UV)
     ranges = NETWORK_RANGES[args.networks]
     net_y = reference.random_network(rng, Group.Y, pk_y, arch, **ranges)
     net_uv = reference.random_network(rng, Group.UV, pk_uv, arch, **ranges)
