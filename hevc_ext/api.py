@@ -40,7 +40,7 @@ from .yuv import Frame, VideoFormat
 
 log = logging.getLogger("hevc_ext.api")
 
-_HINT = "; the pictures themselves are intact: Decoder(ignore_side_stream=True) or `hevc-nlf strip` gives them"
+_HINT = "; Decoder(ignore_side_stream=True) or `hevc-nlf strip` gives the pictures without the filter"
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,11 @@ class Encoder:
     """Streaming encoder: x265 through av, online training per segment, records embedded as SEI.
 
     ``push(frame)`` and ``flush()`` return the packets that are ready, in decoding order; their
-    concatenation is the same embedded stream ``hevc-nlf encode --embed`` writes for the same input and
-    configuration (except for the header's frame count, 0 = unknown in a stream). ``config.coding.frames``
-    is ignored (the stream ends at :meth:`flush`); only the x265 backend streams.
+    concatenation has the syntax of the embedded stream ``hevc-nlf encode --embed`` writes (the header's
+    frame count is 0 = unknown). The HEVC pictures are the same; the records are the same unless an RD
+    decision lies near its threshold: a stream prices side bits with the mean bits per picture so far,
+    the file encoder with the whole sequence's mean. ``config.coding.frames`` is ignored (the stream
+    ends at :meth:`flush`); only the x265 backend streams.
     """
 
     def __init__(self, fmt: VideoFormat, config: Any = None, *, progress: Any = None, preset: str = "medium") -> None:

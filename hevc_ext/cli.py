@@ -128,7 +128,7 @@ def _add_coding_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--intra-period", type=_positive_int, default=32,
                    help="random access: pictures between intra pictures = filter segment length (default 32)")
     g.add_argument("--gop", type=_positive_int, default=5,
-                   help="low delay: pictures per filter GoP, 1..5 in the paper (default: %(default)s)")
+                   help="low delay: pictures per filter GoP, 1..64 (the paper: 1..5) (default: %(default)s)")
     g.add_argument("--kernel", default="auto", choices=("auto", "cuda", "cpu", "reference"),
                    help="filter implementation (default: %(default)s)")
     g.add_argument("--keep-tmp", action="store_true", help="keep the working directory (logs, recon)")
@@ -322,17 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="decode a stream and apply its filter",
                        description="Decode STREAM, rebuild the integer filters from the side stream, filter, "
                                    "verify the hashes and write the pictures.")
-    p.add_argument("stream", help="HEVC elementary stream (.hevc)")
+    p.add_argument("stream", help="HEVC stream: elementary (.hevc) or any container av demuxes (.mp4, .mkv)")
     p.add_argument("--sidecar", metavar="FILE", help="side stream (.nlf); without it: the plain decode")
     p.add_argument("-o", "--output", required=True, help="output .yuv, .y4m, or - (Y4M on stdout)")
-    p.add_argument("--kernel", default="auto", choices=("auto", "cuda", "cpu", "reference"))
+    p.add_argument("--kernel", default="auto", choices=("auto", "cuda", "cpu", "reference"),
+                   help="filter implementation (default: %(default)s; auto: CUDA, else C++, else the reference)")
     p.add_argument("--fps", help="frame rate written to Y4M output (default: from the side stream, else 25)")
     p.add_argument("--json", action="store_true", help="print a JSON summary (to stderr when -o -)")
     _add_common(p)
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("info", help="versions, backends and kernels available here")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_common(p)
     p.set_defaults(func=cmd_info)
 
@@ -367,6 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return 141
+    except OSError as exc:  # a file-system failure no check foresaw (disk full...): one line, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"hevc-nlf: error: {where}{exc.strerror or exc}\n")
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

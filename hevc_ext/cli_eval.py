@@ -139,6 +139,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not specs:
         raise UsageError("nothing to run: " + " ".join(notes))
     ev.encoder_config(specs[0])  # validates the filter options before any work
+    # a codec that cannot run here (HM not found) fails before anything is written; a dry run still plans
+    version = None if args.dry_run else _check_backend(args.codec)
     command = _command_line(args, args._parser, "eval")
     plan = {"format": "hevc-nlf-eval-plan", "version": 1, "command": command,
             "jobs": [{"job_id": s.job_id, "spec_hash": s.spec_hash, "spec": s.to_dict()} for s in specs]}
@@ -157,7 +159,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             for n in notes:
                 print(f"note: {n}")
         return 0
-    version = _check_backend(args.codec)
     if not quiet:
         sys.stderr.write(f"hevc-nlf eval: {len(seqs)} sequences × {len(specs) // len(seqs)} (mode, QP) = "
                          f"{len(specs)} jobs with {version}, {args.jobs} worker(s); results in {out}\n")
@@ -236,7 +237,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
 
     p = sub.add_parser(
         "eval", help="BD-rate evaluation over a folder of sequences (the paper's tables)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Encode every (sequence, mode, QP) with the backend and the filter, as independent "
                     "cached jobs, and write per-sequence and per-class BD-rate tables (filter vs backend "
                     "alone; rate includes the side stream), RD plots, MAC/pixel and time ratios. Running "
@@ -246,24 +246,24 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     g.add_argument("--classes", metavar="LIST", help="only these HEVC classes, e.g. A,B,C,D,E (default: all)")
     g.add_argument("--class-override", action="append", metavar="NAME=CLASS",
                    help="put a sequence in a class (repeatable)")
-    g.add_argument("--modes", default="ra,ldb,ldp", metavar="LIST", help="coding modes (ldb is skipped with x265)")
-    g.add_argument("--qps", default="22,27,32,37", metavar="LIST", help="QPs (BD-rate needs 4)")
-    g.add_argument("--codec", default="x265", help="x265 or hm")
+    g.add_argument("--modes", default="ra,ldb,ldp", metavar="LIST", help="coding modes; ldb is skipped with x265 (default: %(default)s)")
+    g.add_argument("--qps", default="22,27,32,37", metavar="LIST", help="QPs, 4 for a BD-rate (default: %(default)s)")
+    g.add_argument("--codec", default="x265", help="x265 or hm (default: %(default)s)")
     g.add_argument("--frames", type=_positive_int, default=None, metavar="N",
                    help="frames per sequence: min(N, available) (default: all)")
-    g.add_argument("--intra-period", type=_positive_int, default=32, help="random access intra period")
-    g.add_argument("--gop", type=_positive_int, default=5, help="low delay filter GoP (1..5)")
+    g.add_argument("--intra-period", type=_positive_int, default=32, help="random access intra period (default: %(default)s)")
+    g.add_argument("--gop", type=_positive_int, default=5, help="low delay filter GoP, 1..64 pictures (the paper: 1..5; default 5)")
     g.add_argument("--kernel", default="auto", choices=("auto", "cuda", "cpu", "reference"),
-                   help="filter implementation")
-    g.add_argument("-j", "--jobs", type=_positive_int, default=1, help="parallel jobs (processes)")
+                   help="filter implementation (default: %(default)s)")
+    g.add_argument("-j", "--jobs", type=_positive_int, default=1, help="parallel jobs (processes) (default: %(default)s)")
     g.add_argument("-o", "--output", required=True, metavar="RESULTS_DIR", help="results directory (the cache)")
     g.add_argument("--force", action="store_true", help="run every job again, ignoring cached results")
     g.add_argument("--dry-run", action="store_true", help="write plan.json and list the jobs; run nothing")
-    g.add_argument("--no-decode-timing", action="store_true", help="skip the two timed decodes per job")
+    g.add_argument("--no-decode-timing", action="store_true", help="skip the decode timing of each job (a warm-up and --decode-repeats timed decodes, plain and filtered)")
     g.add_argument("--decode-repeats", type=_positive_int, default=3,
-                   help="timed decodes of each kind per job (the minimum is kept)")
+                   help="timed decodes per job of each kind, plain and filtered; the minimum is kept (default: %(default)s)")
     g.add_argument("--no-plots", action="store_true", help="no RD plots")
-    g.add_argument("--bd-method", default="pchip", choices=("pchip", "cubic"), help="BD interpolation")
+    g.add_argument("--bd-method", default="pchip", choices=("pchip", "cubic"), help="BD interpolation (default: %(default)s)")
     g.add_argument("--json", action="store_true", help="print the BD-rate summary as JSON; no progress")
     _add_filter_options(p)
     add_common(p)

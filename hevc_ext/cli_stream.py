@@ -17,28 +17,42 @@ from .errors import UsageError
 def _read_stream(path: str) -> bytes:
     from .container import read_annexb
     from .errors import InputFormatError
+    from .files import check_input
 
     if path == "-":
-        return sys.stdin.buffer.read()
-    if not Path(path).is_file():
-        raise InputFormatError(f"{path}: no such file")
-    return read_annexb(path)
+        data = sys.stdin.buffer.read()
+    else:
+        check_input(path, "an HEVC stream")
+        data = read_annexb(path)
+    if not data:
+        raise InputFormatError(f"{'<stdin>' if path == '-' else path}: empty, expected an HEVC stream")
+    return data
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from .files import atomic_output, atomic_outputs, check_output
     from .sei import parse_units, scan
-    from .yuv import atomic_output
 
+    for out in (args.output, args.stripped):
+        if out is not None:
+            check_output(out, inputs=(args.stream,))
+    if args.stripped and args.stripped == args.output:
+        raise UsageError(f"{args.stripped}: --stripped needs a name of its own, not the sidecar's")
     found = scan(_read_stream(args.stream), args.stream)
     if not found.units:
         raise UsageError(f"{args.stream}: carries no hevc-nlf records (encode with --embed)")
     side = parse_units(found.units, args.stream, found.pictures)  # validate before writing anything
     sidecar = found.sidecar_bytes()
-    with atomic_output(args.output) as f:
-        f.write(sidecar)
-    if args.stripped:
-        with atomic_output(args.stripped) as f:
-            f.write(found.plain)
+    if args.stripped and "-" not in (args.output, args.stripped):  # both files or neither
+        with atomic_outputs(args.output, args.stripped) as (f, g):
+            f.write(sidecar)
+            g.write(found.plain)
+    else:
+        with atomic_output(args.output) as f:
+            f.write(sidecar)
+        if args.stripped:
+            with atomic_output(args.stripped) as f:
+                f.write(found.plain)
     if args.output != "-" and not args.quiet:
         print(f"{args.stream}: {len(side.records)} records for {found.pictures} pictures; wrote {args.output} "
               f"({len(sidecar)} bytes)" + (f" and {args.stripped} ({len(found.plain)} bytes)" if args.stripped else ""))
@@ -46,9 +60,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_strip(args: argparse.Namespace) -> int:
+    from .files import atomic_output, check_output
     from .sei import strip
-    from .yuv import atomic_output
 
+    check_output(args.output, inputs=(args.stream,))
     data = _read_stream(args.stream)
     plain = strip(data, args.stream)
     with atomic_output(args.output) as f:
@@ -61,10 +76,11 @@ def cmd_strip(args: argparse.Namespace) -> int:
 
 def cmd_transcode(args: argparse.Namespace) -> int:
     from .container import container_for, mux, open_input
+    from .files import atomic_output, check_output
     from .pipeline import _workdir, encode
-    from .yuv import atomic_output
 
     container = container_for(args.output, args.container)
+    check_output(args.output, inputs=(args.input,))
     if args.output == "-" and container == "mp4":
         raise UsageError("MP4 cannot be written to a pipe (it needs seeking); use --container mkv or hevc")
     config = replace(_encoder_config(args), embed=True)

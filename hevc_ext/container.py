@@ -23,6 +23,7 @@ from typing import BinaryIO, Iterator
 import av
 
 from .errors import InputFormatError, UsageError
+from .files import check_input
 from .hevcdec import frame_to_planes, pixel_format
 from .sei import (BLA_W_LP, PPS_NUT, SPS_NUT, VPS_NUT, access_units, display_order, join_nal_units,
                   split_nal_units)
@@ -251,6 +252,5 @@ def open_input(path: str, size: str | None = None, fps: str | None = None, bitde
     lower = path.lower()
     if lower.endswith((".yuv", ".y4m")):
         return open_video(path, size, fps, bitdepth)
-    if not Path(path).is_file():
-        raise InputFormatError(f"{path}: no such file")
+    check_input(path, "a video file")
     return AvSource(path, path, fps)

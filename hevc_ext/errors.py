@@ -36,6 +36,10 @@ class MismatchError(NlfError, ValueError):
     """Two things that must agree do not: a side stream from another encode, an MD5 that fails."""
 
 
+class OutputError(NlfError, OSError):
+    """An output cannot be written: a directory, a path below a file, a folder without permission..."""
+
+
 class BackendUnavailableError(NlfError, RuntimeError):
     """An encoder/decoder backend cannot be used here (HM not found, codec missing in av...)."""
 

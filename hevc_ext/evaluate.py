@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import multiprocessing
+import numbers
 import os
 import platform
 import re
@@ -207,8 +208,13 @@ def plan_jobs(sequences: Sequence[Any], modes: Sequence[str], qps: Sequence[int]
 
     ``sequences`` are :class:`hevc_ext.catalog.SequenceInfo`. ``frames`` caps each sequence's frame
     count (min(frames, available)). ``ldb`` with x265 is not run (x265 cannot code low-delay B); a note
-    says so instead.
+    says so instead. An unknown ``settings.codec`` (one the backend registry does not list) is a
+    :class:`UsageError`; a known codec that is not installed here (HM not found) can still be planned.
     """
+    from .backends import BACKENDS
+
+    if settings.codec not in BACKENDS:
+        raise UsageError(f"unknown codec {settings.codec!r}: expected one of {', '.join(BACKENDS)}")
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise UsageError(f"modes: expected some of {', '.join(MODES)}, got {', '.join(modes) or 'none'}")
@@ -574,35 +580,72 @@ class RunData:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _number(value: Any, what: str, origin: str) -> float:
+def _shown(value: Any) -> str:
+    """A value of an input file as the user wrote it: text verbatim, numbers plainly (``-5``, ``nan``)."""
+    if isinstance(value, str):
+        return value if value and value == value.strip() else repr(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return f"{float(value):.15g}"
     try:
-        x = float(value)
+        return json.dumps(value)  # true, null, a list...: as the JSON file has it
     except (TypeError, ValueError):
-        raise InputFormatError(f"{origin}: {what} is {value!r}, not a number") from None
+        return repr(value)
+
+
+def _number(value: Any, what: str, where: str) -> float:
+    """``value`` as a float; ``where`` is the file and row (``runs.csv line 4``)."""
+    if isinstance(value, bool):
+        raise InputFormatError(f"{where}: {what} must be a number, got {_shown(value)}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputFormatError(f"{where}: {what} must be a number, got {_shown(value)}") from None
+
+
+def _rd_value(value: Any, what: str, where: str, positive: bool) -> float:
+    """A rate (``positive``: > 0) or PSNR of an RD point: a finite number, else an InputFormatError."""
+    x = _number(value, what, where)
+    if not math.isfinite(x) or (positive and x <= 0):
+        raise InputFormatError(f"{where}: {what} must be a {'positive ' if positive else ''}finite number, "
+                               f"got {_shown(value)}")
     return x
 
 
-def _normalise_rows(rows: Iterable[Mapping[str, Any]], kind: str, origin: str) -> list[dict[str, Any]]:
+def _normalise_rows(rows: Iterable[tuple[str, Mapping[str, Any]]], kind: str, origin: str) -> list[dict[str, Any]]:
+    """Validated rows of a run. ``rows``: (where, row) pairs, where = the row's place in ``origin``
+    (``line 4`` of a CSV, ``row 3`` of a JSON run). Rates must be positive and finite, PSNRs finite, the
+    QP an integer; anything else is an :class:`InputFormatError` naming the file, the row and the field."""
     need = ("sequence", "mode", "qp") + (("kbps_before", "kbps_after") + tuple(
         f"psnr_{w}_{c}" for w in ("before", "after") for c in CHANNELS) if kind == "eval"
         else ("kbps",) + tuple(f"psnr_{c}" for c in CHANNELS))
     out = []
-    for i, row in enumerate(rows, start=1):
-        missing = [k for k in need if row.get(k) in (None, "")]
+    first: dict[tuple[str, str, int], str] = {}
+    for place, row in rows:
+        where = f"{origin} {place}"
+        if not isinstance(row, Mapping):
+            raise InputFormatError(f"{where}: expected an object with the fields {', '.join(need)}, "
+                                   f"got {type(row).__name__}")
+        missing = [k for k in need if row.get(k) is None or (isinstance(row.get(k), str) and not row[k].strip())]
         if missing:
-            raise InputFormatError(f"{origin}: row {i} lacks {', '.join(missing)}")
+            raise InputFormatError(f"{where}: missing {', '.join(missing)}")
         r = dict(row)
         r["sequence"] = str(r["sequence"])
         r["class"] = str(r.get("class") or "?").strip().upper() or "?"
         r["mode"] = str(r["mode"]).strip().lower()
-        r["qp"] = int(_number(r["qp"], "qp", origin))
+        qp = _number(r["qp"], "qp", where)
+        if not math.isfinite(qp) or qp != int(qp):
+            raise InputFormatError(f"{where}: qp must be an integer, got {_shown(r['qp'])}")
+        r["qp"] = int(qp)
         for k in need[3:]:
-            r[k] = _number(r[k], k, origin)
+            r[k] = _rd_value(r[k], k, where, positive=k.startswith("kbps"))
+        key = (r["sequence"], r["mode"], r["qp"])
+        if key in first:
+            raise InputFormatError(f"{where}: a second row for sequence {key[0]} mode {key[1]} QP {key[2]} "
+                                   f"(the first is {first[key]})")
+        first[key] = place
         out.append(r)
-    keys = [(r["sequence"], r["mode"], r["qp"]) for r in out]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise InputFormatError(f"{origin}: several rows for sequence {dup[0]} mode {dup[1]} QP {dup[2]}")
     return out
 
 
@@ -630,17 +673,28 @@ def load_run(path: str | os.PathLike[str]) -> RunData:
             raise InputFormatError(f"{p}: not an hevc-nlf eval results file (expected format {RUN_FORMAT!r} "
                                    f"with a list of rows)")
         meta = {k: v for k, v in data.items() if k != "rows"}
-        return RunData(_normalise_rows(data["rows"], "eval", str(p)), "eval", str(p), meta)
+        rows = [(f"row {i}", row) for i, row in enumerate(data["rows"], start=1)]
+        return RunData(_normalise_rows(rows, "eval", str(p)), "eval", str(p), meta)
     reader = csv.DictReader(io.StringIO(text))
-    cols = set(reader.fieldnames or ())
-    if {"kbps_before", "kbps_after"} <= cols:
-        kind = "eval"
-    elif set(SIMPLE_FIELDS) - {"class"} <= cols:
-        kind = "simple"
-    else:
-        raise InputFormatError(f"{p}: expected the CSV columns {','.join(SIMPLE_FIELDS)} (or an eval "
-                               f"results.csv); found {','.join(reader.fieldnames or ())}")
-    return RunData(_normalise_rows(list(reader), kind, str(p)), kind, str(p))
+    try:
+        header = list(reader.fieldnames or ())
+        cols = set(header)
+        if {"kbps_before", "kbps_after"} <= cols:
+            kind = "eval"
+        elif set(SIMPLE_FIELDS) - {"class"} <= cols:
+            kind = "simple"
+        else:
+            raise InputFormatError(f"{p}: expected the CSV columns {','.join(SIMPLE_FIELDS)} (or an eval "
+                                   f"results.csv); found {','.join(header)}")
+        rows = []
+        for row in reader:  # reader.line_num: the file line the row ends on (the header is line 1)
+            if None in row:
+                raise InputFormatError(f"{p} line {reader.line_num}: {len(header) + len(row[None])} fields, "
+                                       f"the header has {len(header)}")
+            rows.append((f"line {reader.line_num}", row))
+    except csv.Error as exc:
+        raise InputFormatError(f"{p} line {reader.line_num}: not valid CSV ({exc})") from None
+    return RunData(_normalise_rows(rows, kind, str(p)), kind, str(p))
 
 
 # ============================================================================================ BD-rates
@@ -857,7 +911,8 @@ def summarise(results: Sequence[Mapping[str, Any]], notes: Sequence[str] = (), f
               ) -> Summary:
     """Aggregate job results (of one eval) into BD-rates of filter vs backend, class averages, complexity."""
     rows = [result_row(r) for r in results]
-    norm = _normalise_rows(rows, "eval", "results") if rows else []
+    norm = _normalise_rows([(f"job {r.get('job_id') or i}", row) for i, (r, row) in enumerate(zip(results, rows), 1)],
+                           "eval", "results") if rows else []
     seq_bds, more = compare(curves(norm, "before"), curves(norm, "after"), method)
     present = {r["mode"] for r in rows}
     mode_list = [m for m in (modes or MODES) if m in present] or sorted(present, key=_mode_key)
@@ -1057,7 +1112,7 @@ def write_plots(rows: Sequence[Mapping[str, Any]], directory: str | os.PathLike[
     out_dir = Path(directory)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    norm = _normalise_rows(rows, "eval", "rows") if rows else []
+    norm = _normalise_rows([(f"row {i}", r) for i, r in enumerate(rows, 1)], "eval", "rows") if rows else []
     before, after = curves(norm, "before"), curves(norm, "after")
     for key in sorted(before):
         a, t = before[key], after[key]

@@ -31,7 +31,8 @@ from .quant import QuantConfig, QuantizedNetwork, derive
 from .reference import IntNetwork
 from .sidecar import (HashType, PictureHash, Record, RecordType, SideStream, StreamHeader, check_stream_matches,
                       picture_crc, record_payload)
-from .yuv import Frame, MemmapSource, VideoFormat, VideoSource, VideoWriter, atomic_output, is_y4m_name, open_video
+from .files import atomic_output, atomic_outputs, check_input, check_output
+from .yuv import Frame, MemmapSource, VideoFormat, VideoSource, VideoWriter, is_y4m_name, open_video, parse_fps
 
 log = logging.getLogger("hevc_ext.pipeline")
 
@@ -184,7 +185,9 @@ def spool(source: VideoSource, workdir: Path, limit: int | None) -> MemmapSource
                 break
     if n == 0:
         raise UsageError(f"{source.origin}: no frames")
-    return MemmapSource(str(path), source.fmt, 0, 0, n)
+    spooled = MemmapSource(str(path), source.fmt, 0, 0, n)
+    spooled.origin = source.origin  # messages name the user's input, not the spool file
+    return spooled
 
 
 @dataclass
@@ -244,7 +247,8 @@ def _record_bytes(rec: Record, hash_type: HashType, ref: QuantizedNetwork | None
 def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, size: str | None = None,
            fps: str | None = None, bitdepth: int | None = None, progress: ProgressFn | None = None,
            source: VideoSource | None = None) -> EncodeReport:
-    """Encode ``input_path`` and write ``output_base``.hevc and ``output_base``.nlf (if given)."""
+    """Encode ``input_path`` and write ``output_base``.hevc and, unless ``config.embed`` carries the side
+    stream as SEI inside it, ``output_base``.nlf (nothing is written when ``output_base`` is None)."""
     t0 = time.perf_counter()
     try:
         from .train import TrainConfig  # torch is needed from here on
@@ -259,6 +263,10 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
             "decoding works without it") from None
 
     tcfg = config.train if config.train is not None else TrainConfig()
+    outputs = [] if output_base is None else \
+        [str(output_base) + ".hevc"] + ([] if config.embed else [str(output_base) + ".nlf"])
+    for out in outputs:  # before hours of work
+        check_output(out, inputs=(input_path if source is None else None,))
     backend = get_backend(config.codec, **dict(config.backend_options))
     ok, why = backend.availability()
     if not ok:
@@ -282,6 +290,7 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
         if config.coding.frames is not None and config.coding.frames > len(src):
             raise UsageError(f"{src.origin}: {config.coding.frames} frames requested, the input has {len(src)}")
         coding = replace(config.coding, frames=n)
+        segments = split(n, coding.mode, coding.intra_period, config.ld_gop)  # before any work: checks them
 
         def backend_progress(done: int, total: int) -> None:
             if progress:
@@ -289,7 +298,6 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
 
         result = backend.encode(src, coding, workdir, backend_progress)
         recon = result.recon
-        segments = split(n, coding.mode, coding.intra_period, config.ld_gop)
         header = StreamHeader(fmt.width, fmt.height, fmt.bitdepth, n, fmt.fps, coding.mode, config.arch_y,
                               config.arch_uv, config.hash_type, picture_crc(recon[0].planes))
         records: list[Record] = []
@@ -314,16 +322,14 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
             from .sei import embed as embed_sei
 
             embedded = embed_sei(result.bitstream.read_bytes(), side, origin=str(result.bitstream))
-        if output_base is not None:
-            base = Path(output_base)
-            if embedded is not None:
-                with atomic_output(str(base) + ".hevc") as f:
-                    f.write(embedded)
-            else:
-                with atomic_output(str(base) + ".hevc") as f, open(result.bitstream, "rb") as inp:
-                    shutil.copyfileobj(inp, f)
-                with atomic_output(str(base) + ".nlf") as f:
-                    f.write(side_bytes)
+        if outputs:  # published together: both files or neither
+            with atomic_outputs(*outputs) as handles:
+                if embedded is not None:
+                    handles[0].write(embedded)
+                else:
+                    with open(result.bitstream, "rb") as inp:
+                        shutil.copyfileobj(inp, handles[0])
+                    handles[1].write(side_bytes)
         report = _report(fmt, coding, config, result, segments, decisions,
                          len(side_bytes) if embedded is None else len(embedded) - hevc_bytes, hevc_bytes,
                          time.perf_counter() - t0, train_seconds, kernel.name, output_base)
@@ -595,7 +601,7 @@ class FrameFilter:
             if h.first_picture_crc is not None and picture_crc(frame.planes) != h.first_picture_crc:
                 raise MismatchError(f"{self.origin}: the first decoded picture does not match the side stream "
                                     f"(CRC {picture_crc(frame.planes):08x}, expected {h.first_picture_crc:08x}): "
-                                    f"the side stream belongs to another encode")
+                                    f"the side stream belongs to another encode, or the HEVC stream is damaged")
         planes = list(frame.planes)
         for group in (Group.Y, Group.UV):
             rec = self._record(group, i)
@@ -619,7 +625,7 @@ class FrameFilter:
                                 f"{self.origin}: frames {rec.first_frame}..{i} ({group.label}): the filtered "
                                 f"pictures do not match the side stream's {h.hash_type.name} "
                                 f"({digest.hex()} != {rec.output_hash.hex()}); the side stream belongs to "
-                                f"another encode or is damaged")
+                                f"another encode, or the HEVC stream or the side stream is damaged")
                         self.verified += 1
                 if i == rec.first_frame + rec.frame_count - 1:
                     self.filtered += 1
@@ -639,7 +645,8 @@ class FrameFilter:
             total = self.side.header.frame_count
             if total and self.index != total:
                 raise MismatchError(f"{self.origin}: the HEVC stream has {self.index} pictures, the side stream "
-                                    f"describes {total} (side stream from another encode?)")
+                                    f"describes {total}: the HEVC stream is truncated or damaged, or the side "
+                                    f"stream belongs to another encode")
 
 
 def read_side_stream(path: str) -> SideStream:
@@ -652,16 +659,25 @@ def read_side_stream(path: str) -> SideStream:
 
 def decode(stream_path: str, output: str, side_path: str | None = None, *, kernel: str = "auto",
            y4m: bool | None = None, progress: ProgressFn | None = None, fps: Any = None) -> DecodeReport:
-    """Decode ``stream_path`` (+ side stream) to ``output`` (.yuv, .y4m or ``-`` for Y4M on stdout)."""
+    """Decode ``stream_path`` (+ side stream) to ``output`` (.yuv, .y4m or ``-`` for Y4M on stdout; an
+    existing device such as /dev/null is written as raw YUV unless ``y4m``)."""
     from fractions import Fraction
 
     from .kernels import get_kernel
 
     t0 = time.perf_counter()
-    if not Path(stream_path).is_file():
-        from .errors import InputFormatError
-
-        raise InputFormatError(f"{stream_path}: no such file")
+    if stream_path == "-":
+        raise UsageError("decode reads its stream from a file, not standard input (the streaming API, "
+                         "hevc_ext.Decoder, takes a stream in chunks)")
+    check_input(stream_path, "an HEVC stream")
+    if side_path:
+        check_input(side_path, "a side stream (.nlf)")
+    check_output(output, inputs=(stream_path, side_path))
+    if y4m is None and output != "-" and Path(output).suffix.lower() not in (".yuv", ".y4m") and \
+            (not Path(output).exists() or Path(output).is_file()):
+        raise UsageError(f"{output}: the decoded pictures are written as .yuv or .y4m (or - for Y4M on stdout), "
+                         f"not {Path(output).suffix or 'a name without suffix'}")
+    rate = parse_fps(fps) if fps is not None else None
     side = read_side_stream(side_path) if side_path else None
     from .container import read_annexb
     from .sei import extract, strip
@@ -671,9 +687,11 @@ def decode(stream_path: str, output: str, side_path: str | None = None, *, kerne
     side = side if side is not None else embedded  # in-band SEI records (docs/sei.md), if any
     k = get_kernel(kernel)
     # the writer only reads the pictures: their hashing can overlap the output and the next decode
-    filt = FrameFilter(side, k, side_path or stream_path, hash_in_thread=True)
+    origin = f"{stream_path} with {side_path}" if side_path else stream_path
+    filt = FrameFilter(side, k, origin, hash_in_thread=True)
     as_y4m = y4m if y4m is not None else (output == "-" or is_y4m_name(output))
-    rate = Fraction(fps) if fps is not None else (side.header.fps if side else Fraction(25))
+    if rate is None:
+        rate = side.header.fps if side else Fraction(25)
     decoder = HevcDecoder()
     writer = None
     fmt = None

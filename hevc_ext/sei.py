@@ -53,7 +53,7 @@ USER_DATA_UNREGISTERED = 5
 AU_STARTERS = frozenset([VPS_NUT, SPS_NUT, PPS_NUT, AUD_NUT, PREFIX_SEI_NUT, 41, 42, 43, 44,
                           *range(48, 56)])
 _START_CODE4 = b"\x00\x00\x00\x01"
-_STRIP_HINT = ("; the pictures themselves are intact: `hevc-nlf strip` removes the embedded records "
+_STRIP_HINT = ("; to decode the pictures without the filter, `hevc-nlf strip` removes the embedded records "
                "(or decode with a sidecar)")
 
 
@@ -484,7 +484,7 @@ def parse_units(units: Sequence[tuple[int, bytes]], origin: str, pictures: int |
                 covered = sum(r.frame_count for r in side.records_by_group(g))
                 if covered != pictures:
                     raise SideStreamError(f"{origin}: the embedded {g.label} records cover {covered} pictures, "
-                                          f"the stream has {pictures} (an SEI is missing or damaged)")
+                                          f"the stream has {pictures} (an SEI is missing or damaged, or the stream is truncated)")
     except SideStreamError as exc:
         raise SideStreamError(f"{exc}{_STRIP_HINT}" if _STRIP_HINT not in str(exc) else str(exc)) from None
     return side

@@ -19,7 +19,7 @@ import numpy as np
 
 from .arch import Architecture, Group, Packing
 from .entropy import decode_network, encode_network
-from .errors import MismatchError, SideStreamError
+from .errors import MismatchError, SideStreamError, UsageError
 from .quant import QuantConfig, QuantizedNetwork
 from .syntax import BitReader, BitWriter
 
@@ -120,6 +120,19 @@ def picture_crc(planes: Iterable[np.ndarray]) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
+# ------------------------------------------------------------------------------------------ limits
+# value ranges of the ue(v) fields (docs/sidecar.md); the writer refuses what the reader would reject
+MAX_FRAME_COUNT = 1 << 24  # frame_count, segment_index, first_frame
+MAX_FPS_TERM = 1 << 20  # fps_num, fps_den (each >= 1)
+MAX_COUNT_MINUS1 = 1 << 16  # frame_count_minus1 of a record
+
+
+def _checked(name: str, value: int, lo: int, hi: int) -> int:
+    if not lo <= value <= hi:
+        raise UsageError(f"side stream: {name} {value} is outside {lo}..{hi}, which the syntax can carry")
+    return value
+
+
 # ------------------------------------------------------------------------------------------ writing
 def _write_arch(w: BitWriter, arch: Architecture) -> None:
     w.ue((arch.layers - 3) // 2)
@@ -135,9 +148,9 @@ def header_payload(h: StreamHeader) -> bytes:
     w.u(4, h.bitdepth - 8)
     w.u(2, 1)  # chroma_format_idc: 4:2:0
     w.u(2, MODES.index(h.mode))
-    w.ue(h.frame_count)
-    w.ue(h.fps.numerator)
-    w.ue(h.fps.denominator)
+    w.ue(_checked("frame count", h.frame_count, 0, MAX_FRAME_COUNT))
+    w.ue(_checked("frame rate numerator", h.fps.numerator, 1, MAX_FPS_TERM))
+    w.ue(_checked("frame rate denominator", h.fps.denominator, 1, MAX_FPS_TERM))
     _write_arch(w, h.arch_y)
     _write_arch(w, h.arch_uv)
     w.u(2, int(h.hash_type))
@@ -153,9 +166,9 @@ def record_payload(rec: Record, hash_type: HashType, reference: QuantizedNetwork
     w = BitWriter()
     w.u(2, int(rec.type))
     w.u(1, rec.group.value)
-    w.ue(rec.segment)
-    w.ue(rec.first_frame)
-    w.ue(rec.frame_count - 1)
+    w.ue(_checked("segment index", rec.segment, 0, MAX_FRAME_COUNT))
+    w.ue(_checked("first frame", rec.first_frame, 0, MAX_FRAME_COUNT))
+    w.ue(_checked("record frame count - 1", rec.frame_count - 1, 0, MAX_COUNT_MINUS1))
     if rec.type is not RecordType.OFF:
         if len(rec.output_hash) != hash_type.size:
             raise ValueError(f"output hash of {len(rec.output_hash)} bytes, {hash_type.name} needs {hash_type.size}")
@@ -208,9 +221,9 @@ def parse_header_payload(data: bytes, what: str = "side stream header") -> Strea
     if r.u(2) != 1:
         raise SideStreamError(f"{what}: only 4:2:0 is supported")
     mode = r.ranged_u(2, "mode", 0, 2)
-    frames = r.ranged_ue("frame count", 0, 1 << 24)
-    num = r.ranged_ue("frame rate numerator", 1, 1 << 20)
-    den = r.ranged_ue("frame rate denominator", 1, 1 << 20)
+    frames = r.ranged_ue("frame count", 0, MAX_FRAME_COUNT)
+    num = r.ranged_ue("frame rate numerator", 1, MAX_FPS_TERM)
+    den = r.ranged_ue("frame rate denominator", 1, MAX_FPS_TERM)
     arch_y = _read_arch(r)
     arch_uv = _read_arch(r)
     hash_type = HashType(r.ranged_u(2, "hash type", 0, 2))
@@ -237,9 +250,9 @@ class RecordParser:
         group = Group(r.u(1))
         what = f"record {index} ({group.label})"
         r.what = what
-        segment = r.ranged_ue("segment", 0, 1 << 24)
-        first = r.ranged_ue("first frame", 0, 1 << 24)
-        count = r.ranged_ue("frame count", 0, 1 << 16) + 1
+        segment = r.ranged_ue("segment", 0, MAX_FRAME_COUNT)
+        first = r.ranged_ue("first frame", 0, MAX_FRAME_COUNT)
+        count = r.ranged_ue("frame count", 0, MAX_COUNT_MINUS1) + 1
         network = None
         if rtype in (RecordType.NEW, RecordType.NEW_DIFF):
             packing = Packing.from_index(r.u(2))

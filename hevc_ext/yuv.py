@@ -6,16 +6,14 @@ frame), so opening a 2560×1600 clip costs nothing until a frame is touched; ``-
 pipe sequentially.
 
 Outputs are written to a temporary name beside the target and renamed when complete, so a failed run
-never leaves a half-written file behind (:func:`atomic_output`).
+never leaves a half-written file behind (:mod:`hevc_ext.files`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import BinaryIO, Iterator, Sequence
 import numpy as np
 
 from .errors import InputFormatError, TruncatedInputError, UsageError
+from .files import check_input
 
 _NAME_RE = re.compile(r"(?:^|[_\-.])(\d{2,5})x(\d{2,5})(?:_(\d+(?:\.\d+)?)(?:fps|hz)?)?(?=[_\-.]|$)", re.I)
 _BITDEPTH_RE = re.compile(r"[_\-.](8|9|10|12|16)b(?:it)?(?=[_\-.]|$)", re.I)
@@ -311,12 +310,16 @@ def open_video(path: str, size: str | None = None, fps: str | float | None = Non
                 fmt = VideoFormat(fmt.width, fmt.height, parse_fps(fps), fmt.bitdepth)
             return StreamSource(stream, fmt, "<stdin>", y4m=True)
         return StreamSource(stream, resolve_format("-", size, fps or 25, bitdepth), "<stdin>", y4m=False)
-    if not os.path.exists(path):
-        raise InputFormatError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise InputFormatError(f"{path}: is a directory, expected a .yuv or .y4m file")
+    check_input(path, "a .yuv or .y4m file")
     if path.lower().endswith(".y4m"):
-        return _open_y4m_file(path, fps)
+        src = _open_y4m_file(path, fps)
+        if size is not None and parse_size(size) != (src.fmt.width, src.fmt.height):
+            raise UsageError(f"{path}: --size {size} contradicts the Y4M header "
+                             f"({src.fmt.width}x{src.fmt.height}); the header decides, leave --size out")
+        if bitdepth is not None and bitdepth != src.fmt.bitdepth:
+            raise UsageError(f"{path}: --bitdepth {bitdepth} contradicts the Y4M header ({src.fmt.bitdepth}-bit); "
+                             f"the header decides, leave --bitdepth out")
+        return src
     fmt = resolve_format(path, size, fps, bitdepth)
     total = os.path.getsize(path)
     count, rest = divmod(total, fmt.frame_bytes)
@@ -361,37 +364,6 @@ def _open_y4m_file(path: str, fps: str | float | None) -> VideoSource:
 
 
 # --------------------------------------------------------------------------------------------- output
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, stdout: BinaryIO | None = None) -> Iterator[BinaryIO]:
-    """A binary file handle for ``path`` that only appears under that name if the block succeeds.
-
-    ``-`` yields standard output (a pipe cannot be taken back; the caller flushes what it has).
-    """
-    if str(path) == "-":
-        out = stdout if stdout is not None else sys.stdout.buffer
-        yield out
-        out.flush()
-        return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 class VideoWriter:
     """Writes frames as raw planar YUV or Y4M to an open binary handle."""
 

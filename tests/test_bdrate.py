@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -213,6 +214,19 @@ def test_non_positive_rate(bad):
 def test_non_finite_values(bad):
     _raises(r"test: PSNR of point 1 .*finite", GOOD_R, GOOD_P, GOOD_R, [30.0, bad, 36.0, 39.0])
     _raises(r"anchor: rate of point 3 .*finite", [100.0, 300.0, 900.0, bad], GOOD_P, GOOD_R, GOOD_P)
+
+
+@pytest.mark.parametrize("values, shown", [
+    ([100.0, 300.0, -5.0, 2700.0], "rate of point 2 is -5; rates must be positive"),
+    (np.array([100.0, 300.0, 0.25, 2700.0]) * -1, "rate of point 0 is -100; rates must be positive"),
+    ([100.0, 300.0, math.nan, 2700.0], "rate of point 2 is nan; all values must be finite"),
+    (np.array([100.0, 300.0, 900.0, -math.inf]), "rate of point 3 is -inf; all values must be finite"),
+])
+def test_bad_values_are_shown_as_plain_numbers(values, shown):
+    """The numbers in a message are written plainly (``-5``, ``nan``), never as a numpy repr
+    (``np.float64(-5.0)``), whether the input is a list or an array."""
+    err = _raises(re.escape(shown), values, GOOD_P, GOOD_R, GOOD_P)
+    assert "np." not in str(err) and "float64" not in str(err)
 
 
 def test_non_monotonic_curve_names_the_point():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -385,3 +386,124 @@ def test_eval_cli_dry_run_and_x265_ldb(tmp_path, capsys):
     # a plan entry is a complete job spec
     assert ev.JobSpec.from_dict(plan["jobs"][0]["spec"]).spec_hash == plan["jobs"][0]["spec_hash"]
     assert main(["eval", "--sequences", str(seqdir), "--modes", "ldb", "-o", str(tmp_path / "p")]) == 2
+
+
+# ------------------------------------------------------------------------------ option/input checks
+def test_plan_jobs_rejects_an_unknown_codec(tmp_path):
+    from hevc_ext.backends import BACKENDS
+
+    _raw(tmp_path, "Foo_64x64_30.yuv", 64, 64, 2)
+    seqs = find_sequences(tmp_path)
+    with pytest.raises(UsageError, match=r"unknown codec 'zz': expected one of x265, hm") as info:
+        ev.plan_jobs(seqs, ["ra"], [22, 27, 32, 37], ev.EvalSettings(codec="zz"))
+    assert all(b in str(info.value) for b in BACKENDS)  # the registry's list, not a copy
+    for codec in BACKENDS:  # every registered codec plans, installed here or not
+        specs, _ = ev.plan_jobs(seqs, ["ra"], [22, 27, 32, 37], ev.EvalSettings(codec=codec))
+        assert len(specs) == 4 and {s.settings.codec for s in specs} == {codec}
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_eval_cli_unknown_codec_fails_before_writing(tmp_path, capsys, dry_run):
+    seqdir = tmp_path / "seq"
+    seqdir.mkdir()
+    _raw(seqdir, "Foo_64x64_30.yuv", 64, 64, 2)
+    out = tmp_path / "R"
+    argv = ["eval", "--sequences", str(seqdir), "-o", str(out), "--codec", "zz"] + (["--dry-run"] if dry_run else [])
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.err == "hevc-nlf: error: unknown codec 'zz': expected one of x265, hm\n"
+    assert cap.out == "" and not out.exists()
+
+
+def test_eval_cli_hm_missing_plans_but_does_not_run(tmp_path, capsys, monkeypatch):
+    """HM not installed: a dry run still plans (exit 0); a real run fails before writing anything."""
+    monkeypatch.setenv("HEVC_NLF_HM_DIR", str(tmp_path / "no_hm_here"))
+    seqdir = tmp_path / "seq"
+    seqdir.mkdir()
+    _raw(seqdir, "Foo_64x64_30.yuv", 64, 64, 2)
+    argv = ["eval", "--sequences", str(seqdir), "--codec", "hm", "--modes", "ldb"]
+    assert main(argv + ["--dry-run", "-o", str(tmp_path / "plan")]) == 0
+    assert len(json.loads((tmp_path / "plan" / "plan.json").read_text())["jobs"]) == 4
+    capsys.readouterr()
+    assert main(argv + ["-o", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hevc-nlf: error: codec hm: HM (the HEVC reference software) was not found")
+    assert "no_hm_here" in err and not (tmp_path / "run").exists()
+
+
+def _bad_csv(path: Path, line: int, field: str, value: str) -> Path:
+    """The plausible simple CSV of ``_simple_csv`` with one field of one file line replaced."""
+    _simple_csv(path, 1.0)
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[line - 1].split(",")
+    cells[header.index(field)] = value
+    lines[line - 1] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("line, field, value, expected", [
+    (4, "kbps", "-5", "line 4: kbps must be a positive finite number, got -5"),
+    (2, "kbps", "0", "line 2: kbps must be a positive finite number, got 0"),
+    (5, "kbps", "inf", "line 5: kbps must be a positive finite number, got inf"),
+    (3, "psnr_y", "nan", "line 3: psnr_y must be a finite number, got nan"),
+    (9, "psnr_v", "-inf", "line 9: psnr_v must be a finite number, got -inf"),
+    (6, "psnr_u", "abc", "line 6: psnr_u must be a number, got abc"),
+    (7, "qp", "27.5", "line 7: qp must be an integer, got 27.5"),
+    (8, "qp", "nan", "line 8: qp must be an integer, got nan"),
+])
+def test_load_run_rejects_bad_csv_values(tmp_path, line, field, value, expected):
+    bad = _bad_csv(tmp_path / "runs.csv", line, field, value)
+    with pytest.raises(InputFormatError) as info:
+        ev.load_run(bad)
+    assert str(info.value) == f"{bad} {expected}"
+
+
+def test_load_run_csv_shape_errors_name_the_line(tmp_path):
+    path = _simple_csv(tmp_path / "runs.csv", 1.0)
+    lines = path.read_text().splitlines()
+    (tmp_path / "extra.csv").write_text("\n".join(lines[:3] + [lines[3] + ",7"] + lines[4:]) + "\n")
+    with pytest.raises(InputFormatError, match=r"extra\.csv line 4: 9 fields, the header has 8$"):
+        ev.load_run(tmp_path / "extra.csv")
+    (tmp_path / "short.csv").write_text("\n".join(lines[:2] + [",".join(lines[2].split(",")[:5])]) + "\n")
+    with pytest.raises(InputFormatError, match=r"short\.csv line 3: missing psnr_y, psnr_u, psnr_v$"):
+        ev.load_run(tmp_path / "short.csv")
+    (tmp_path / "dup.csv").write_text("\n".join(lines + [lines[2]]) + "\n")
+    with pytest.raises(InputFormatError, match=r"dup\.csv line 10: a second row for sequence S1 mode ra QP 27 "
+                                               r"\(the first is line 3\)"):
+        ev.load_run(tmp_path / "dup.csv")
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("kbps_after", -5.0, "kbps_after must be a positive finite number, got -5"),
+    ("kbps_before", 0, "kbps_before must be a positive finite number, got 0"),
+    ("psnr_after_u", math.nan, "psnr_after_u must be a finite number, got nan"),
+    ("psnr_before_y", math.inf, "psnr_before_y must be a finite number, got inf"),
+    ("kbps_after", "fast", "kbps_after must be a number, got fast"),
+    ("psnr_after_v", True, "psnr_after_v must be a number, got true"),
+])
+def test_load_run_rejects_bad_eval_json_values(tmp_path, field, value, expected):
+    rows = [eval_row("S1", "D", "ra", i, 0.9) for i in range(4)]
+    ev.write_outputs(tmp_path / "run", ev.summarise([job_result(r) for r in rows]), plots=False)
+    path = tmp_path / "run" / "results.json"
+    data = json.loads(path.read_text())
+    data["rows"][2][field] = value
+    path.write_text(json.dumps(data))  # NaN and Infinity as Python's json writes them
+    with pytest.raises(InputFormatError) as info:
+        ev.load_run(tmp_path / "run")
+    assert str(info.value) == f"{path} row 3: {expected}"
+
+
+def test_bdrate_cli_rejects_bad_numbers_without_writing(tmp_path, capsys):
+    a = _simple_csv(tmp_path / "a.csv", 1.0)
+    for name, field, value, expected in (
+            ("runs.csv", "kbps", "-5", "line 4: kbps must be a positive finite number, got -5"),
+            ("nan.csv", "psnr_y", "nan", "line 4: psnr_y must be a finite number, got nan"),
+            ("inf.csv", "psnr_u", "inf", "line 4: psnr_u must be a finite number, got inf")):
+        b = _bad_csv(tmp_path / name, 4, field, value)
+        for argv in (["bdrate", str(a), str(b)], ["bdrate", str(b), str(a), "--json"], ["bdrate", str(b)]):
+            assert main(argv + ["-o", str(tmp_path / "out")]) == 1
+            cap = capsys.readouterr()
+            assert cap.out == "" and cap.err == f"hevc-nlf: error: {b} {expected}\n"
+            assert "np.float64" not in cap.err and not (tmp_path / "out").exists()

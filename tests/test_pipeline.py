@@ -159,6 +159,48 @@ def test_bad_inputs_give_clear_errors_and_no_output(make_clip, tmp_path, capsys)
     assert not list(tmp_path.glob("w.*"))
 
 
+def test_unusable_outputs_fail_before_any_work(make_clip, tmp_path, capsys, monkeypatch):
+    """Outputs that cannot be written are refused with one line before the backend runs; decode does
+    not overwrite its input and writes only .yuv/.y4m; extract and strip refuse empty or directory
+    inputs."""
+    import hevc_ext.pipeline as pl
+
+    clip = make_clip(n=3, width=64, height=48)
+    encode(str(clip), str(tmp_path / "s"), _config("ra"))
+    original = (tmp_path / "s.hevc").read_bytes()
+
+    def no_backend(*a, **k):
+        raise AssertionError("the backend ran although an output is unusable")
+
+    monkeypatch.setattr(pl, "get_backend", no_backend)
+    (tmp_path / "d.nlf").mkdir()
+    assert main(["encode", str(clip), "-o", str(tmp_path / "d")]) == 1
+    assert capsys.readouterr().err == f"hevc-nlf: error: {tmp_path / 'd.nlf'}: is a directory\n"
+    assert not (tmp_path / "d.hevc").exists()
+    (tmp_path / "f").write_bytes(b"")
+    assert main(["encode", str(clip), "-o", str(tmp_path / "f" / "x")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    dec = ["decode", str(tmp_path / "s.hevc"), "--sidecar", str(tmp_path / "s.nlf"), "-o"]
+    assert main(dec + [str(tmp_path / "s.hevc")]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert (tmp_path / "s.hevc").read_bytes() == original
+    assert main(dec + [str(tmp_path / "o.mp4")]) == 2
+    assert ".yuv or .y4m" in capsys.readouterr().err
+    assert main(dec + [str(tmp_path / "d.nlf")]) == 1
+    assert "is a directory" in capsys.readouterr().err
+    assert main(dec + [str(tmp_path / "o.y4m"), "--fps", "abc"]) == 2
+    assert "invalid frame rate 'abc'" in capsys.readouterr().err
+    assert main(["decode", str(tmp_path / "d.nlf"), "-o", str(tmp_path / "o.yuv")]) == 1
+    assert "d.nlf: is a directory, expected an HEVC stream" in capsys.readouterr().err
+    (tmp_path / "empty.hevc").write_bytes(b"")
+    assert main(["strip", str(tmp_path / "empty.hevc"), "-o", str(tmp_path / "e.hevc")]) == 1
+    assert "empty, expected an HEVC stream" in capsys.readouterr().err
+    assert not list(tmp_path.glob("o.*")) and not (tmp_path / "e.hevc").exists()
+    assert not list(tmp_path.glob(".*.part"))
+
+
 def test_damaged_and_foreign_side_streams(make_clip, tmp_path, capsys):
     clip = make_clip(n=4, width=64, height=48)
     a = encode(str(clip), str(tmp_path / "a"), _config("ra", qp=36)).data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -11,9 +12,11 @@ from hypothesis import strategies as st
 
 from hevc_ext.arch import ALL_PACKINGS, Architecture, Group, Packing
 from hevc_ext.entropy import GEOMETRIC_DECAY, decode_network, encode_network, geometric_frequencies
-from hevc_ext.errors import MismatchError, SideStreamError
+from hevc_ext.errors import MismatchError, SideStreamError, UsageError
 from hevc_ext.quant import EXP_MAX, EXP_MIN, QLayer, QuantConfig, QuantizedNetwork, scale_axis
-from hevc_ext.sidecar import (MAGIC, HashType, Record, RecordType, SideStream, StreamHeader, check_stream_matches)
+from hevc_ext.gop import MAX_SEGMENT, split
+from hevc_ext.sidecar import (MAGIC, MAX_COUNT_MINUS1, MAX_FPS_TERM, MAX_FRAME_COUNT, HashType, Record, RecordType,
+                              SideStream, StreamHeader, check_stream_matches)
 
 
 def random_qnet(rng: np.random.Generator, group: Group, packing: Packing, arch: Architecture,
@@ -115,6 +118,35 @@ def test_malformed_streams_give_clear_errors():
         SideStream.from_bytes(MAGIC)
     with pytest.raises(MismatchError, match="another encode"):
         check_stream_matches(_header(), 64, 40, 8, "x.nlf")
+
+
+def test_writer_refuses_what_the_reader_would_reject():
+    """Each ue(v) field with a range: the largest value round-trips, one more is refused when writing."""
+    s = _stream(np.random.default_rng(2))
+    h = s.header
+    top = replace(h, frame_count=MAX_FRAME_COUNT, fps=Fraction(MAX_FPS_TERM, MAX_FPS_TERM - 1))
+    off = Record(RecordType.OFF, Group.Y, MAX_FRAME_COUNT, MAX_FRAME_COUNT, MAX_COUNT_MINUS1 + 1)
+    back = SideStream.from_bytes(SideStream(top, (off,)).to_bytes())
+    assert back.header == top and back.records[0].frame_count == MAX_COUNT_MINUS1 + 1
+    for bad, field in [(replace(h, frame_count=MAX_FRAME_COUNT + 1), "frame count"),
+                       (replace(h, fps=Fraction(MAX_FPS_TERM + 1, 1)), "frame rate numerator"),
+                       (replace(h, fps=Fraction(1, MAX_FPS_TERM + 1)), "frame rate denominator")]:
+        with pytest.raises(UsageError, match=field):
+            SideStream(bad, ()).to_bytes()
+    for rec, field in [(replace(off, segment=MAX_FRAME_COUNT + 1), "segment index"),
+                       (replace(off, first_frame=MAX_FRAME_COUNT + 1), "first frame"),
+                       (replace(off, frame_count=MAX_COUNT_MINUS1 + 2), "record frame count")]:
+        with pytest.raises(UsageError, match=field):
+            SideStream(h, (rec,)).to_bytes()
+
+
+def test_segments_fit_the_record_syntax():
+    assert [(g.start, g.count) for g in split(70, "ra", intra_period=32)] == [(0, 32), (32, 32), (64, 6)]
+    assert split(3, "ra", intra_period=MAX_SEGMENT)[0].count == 3
+    with pytest.raises(UsageError, match="intra period"):
+        split(3, "ra", intra_period=MAX_SEGMENT + 1)
+    with pytest.raises(UsageError, match="GoP size"):
+        split(3, "ldp", ld_gop=65)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from hevc_ext.errors import InputFormatError, TruncatedInputError, UsageError
-from hevc_ext.yuv import (Frame, VideoFormat, VideoWriter, atomic_output, format_from_name, open_video,
+from hevc_ext.files import atomic_output
+from hevc_ext.yuv import (Frame, VideoFormat, VideoWriter, format_from_name, open_video,
                           resolve_format, y4m_header)
 
 from .conftest import synthetic_frames

@@ -1,0 +1,147 @@
+"""Input and output files: checked before any work; outputs written under a temporary name and
+published by a rename.
+
+* :func:`check_input` names what is wrong with an input path: missing, a directory, unreadable.
+* :func:`check_output` refuses, before a long encode or decode starts, an output that cannot be
+  written: a directory, a path below a regular file, a folder without write permission, or a file
+  that is one of the command's inputs.
+* :func:`atomic_output` and :func:`atomic_outputs` give handles to temporary files beside the targets
+  (``.NAME.XXXX.part``) and rename them to their names only when the block succeeds, so a failed run
+  leaves no half-written file. Several outputs (an encode's ``.hevc`` and ``.nlf``) are published
+  together: if one of the renames fails, those already renamed are removed again.
+
+Failures of the file system become :class:`~hevc_ext.errors.OutputError` naming the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
+
+from .errors import InputFormatError, OutputError, UsageError
+
+PathLike = str | os.PathLike[str]
+
+
+def check_input(path: PathLike, expected: str = "a file") -> None:
+    """Raise :class:`InputFormatError` unless ``path`` is a readable file (``-``, standard input, is)."""
+    if str(path) == "-":
+        return
+    p = Path(path)
+    if not p.exists():
+        raise InputFormatError(f"{path}: no such file")
+    if p.is_dir():
+        raise InputFormatError(f"{path}: is a directory, expected {expected}")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as exc:
+        raise InputFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def check_output(path: PathLike, inputs: Iterable[PathLike | None] = ()) -> None:
+    """Raise :class:`OutputError` (or :class:`UsageError` for an output that is an input) unless ``path``
+    can be created or replaced; ``-`` (standard output) always can."""
+    if str(path) == "-":
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir() and not target.is_file():
+        return  # a device or a pipe (/dev/null): written in place
+    if target.is_dir():
+        raise OutputError(f"{path}: is a directory")
+    for source in inputs:
+        if source is None or str(source) == "-":
+            continue
+        with contextlib.suppress(OSError):
+            if target.exists() and os.path.samefile(source, target):
+                raise UsageError(f"{path}: the output would overwrite the input {source}")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:  # the folders atomic_output would create
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: folder {folder} is not writable")
+    if folder == target.parent:  # the real test (root passes os.access on read-only mounts, /proc...)
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=folder)
+        except OSError as exc:
+            raise _error(path, exc) from None
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
+def _error(path: PathLike, exc: OSError) -> OutputError:
+    return OutputError(f"{path}: cannot write: {exc.strerror or exc}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths: PathLike) -> Iterator[list[BinaryIO]]:
+    """Binary handles for ``paths`` (files, not ``-``) that appear under their names together, and only
+    if the block succeeds."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            handles: list[BinaryIO] = []
+            for path in paths:
+                target = Path(path)
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+                except OSError as exc:
+                    raise _error(path, exc) from None
+                temps.append((tmp, target))
+                os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+                handles.append(stack.enter_context(os.fdopen(fd, "wb")))
+            yield handles
+        done: list[Path] = []
+        for tmp, target in temps:
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                for published in done:  # all or nothing
+                    with contextlib.suppress(OSError):
+                        published.unlink()
+                raise _error(target, exc) from None
+            done.append(target)
+    except BaseException:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike, stdout: BinaryIO | None = None) -> Iterator[BinaryIO]:
+    """A binary file handle for ``path`` that only appears under that name if the block succeeds.
+
+    ``-`` yields standard output, and an existing device or named pipe (``/dev/null``) is written in
+    place (neither can be taken back; the caller flushes what it has).
+    """
+    if str(path) == "-":
+        out = stdout if stdout is not None else sys.stdout.buffer
+        yield out
+        out.flush()
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir() and not target.is_file():  # /dev/null, a named pipe
+        try:
+            handle = open(target, "wb")  # noqa: SIM115
+        except OSError as exc:
+            raise _error(path, exc) from None
+        with handle:
+            yield handle
+        return
+    with atomic_outputs(path) as (handle,):
+        yield handle

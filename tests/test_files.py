@@ -1,0 +1,76 @@
+"""Input and output files (hevc_ext.files): checks before any work, all-or-nothing publication."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hevc_ext.errors import InputFormatError, OutputError, UsageError
+from hevc_ext.files import atomic_output, atomic_outputs, check_input, check_output
+
+
+def test_check_input_names_the_problem(tmp_path):
+    with pytest.raises(InputFormatError, match="no such file"):
+        check_input(tmp_path / "missing.hevc")
+    with pytest.raises(InputFormatError, match="is a directory, expected an HEVC stream"):
+        check_input(tmp_path, "an HEVC stream")
+    (tmp_path / "ok.bin").write_bytes(b"x")
+    check_input(tmp_path / "ok.bin")
+    check_input("-")
+
+
+def test_check_output_refuses_unusable_paths(tmp_path):
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(OutputError, match="is a directory"):
+        check_output(tmp_path / "adir")
+    (tmp_path / "afile").write_bytes(b"x")
+    with pytest.raises(OutputError, match="afile is not a directory"):
+        check_output(tmp_path / "afile" / "sub" / "out.yuv")
+    with pytest.raises(UsageError, match="overwrite the input"):
+        check_output(tmp_path / "afile", inputs=(None, str(tmp_path / "afile")))
+    check_output(tmp_path / "new" / "deeper" / "out.yuv")  # folders are created when written
+    check_output(tmp_path / "afile")  # replacing an existing file that is no input is fine
+    check_output("-")
+    check_output(os.devnull)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # the probe left nothing
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_output_refuses_a_read_only_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="not writable"):
+            check_output(ro / "out.yuv")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_atomic_outputs_publish_all_or_nothing(tmp_path):
+    a, b = tmp_path / "x.hevc", tmp_path / "x.nlf"
+    with pytest.raises(RuntimeError):
+        with atomic_outputs(a, b) as (fa, fb):
+            fa.write(b"stream")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    # the second rename fails (its name became a directory meanwhile): the first file is taken back
+    with pytest.raises(OutputError, match="x.nlf: cannot write"):
+        with atomic_outputs(a, b) as (fa, fb):
+            fa.write(b"stream")
+            fb.write(b"side")
+            b.mkdir()
+    assert not a.exists() and [p.name for p in tmp_path.iterdir()] == ["x.nlf"]
+    b.rmdir()
+    with atomic_outputs(a, b) as (fa, fb):
+        fa.write(b"stream")
+        fb.write(b"side")
+    assert a.read_bytes() == b"stream" and b.read_bytes() == b"side"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.hevc", "x.nlf"]
+
+
+def test_atomic_output_writes_devices_in_place():
+    with atomic_output(os.devnull) as f:
+        f.write(b"discarded")
+    assert os.path.exists(os.devnull) and not os.path.isfile(os.devnull)
