@@ -363,19 +363,7 @@ def run_job(spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def run_job_file(spec_path: str | os.PathLike[str], result_path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -1091,11 +1079,10 @@ def complexity_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from .files import atomic_output
+
+    with atomic_output(path) as f:
+        f.write(text.encode("utf-8"))
 
 
 def write_plots(rows: Sequence[Mapping[str, Any]], directory: str | os.PathLike[str]) -> list[Path]:
