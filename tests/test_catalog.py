@@ -12,8 +12,10 @@ from hevc_ext.catalog import (CatalogEntry, SequenceInfo, class_for_size, find_s
 from hevc_ext.errors import InputFormatError, TruncatedInputError, UsageError
 from hevc_ext.yuv import VideoFormat, y4m_header
 
+from .conftest import SEQUENCES
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_SEQUENCES = Path(__file__).resolve().parents[2] / "shared" / "sequences"
+SHARED_SEQUENCES = SEQUENCES  # ../shared/sequences or $HEVC_NLF_SEQUENCES
 
 
 def frame_bytes(w: int, h: int, bitdepth: int = 8) -> int:

@@ -356,7 +356,9 @@ def test_tiny_real_eval_and_resume(tmp_path, capsys, monkeypatch, make_clip):
         assert row["decode_seconds"] > 0 and row["decode_plain_seconds"] > 0
     assert {r["sequence"] for r in run["rows"]} == {"Foo", "Bar"}
     job = json.loads((out / "jobs" / "Foo_ra_qp32.json").read_text())
-    assert job["status"] == "ok" and job["spec"]["frames"] == 3 and job["decode_records_verified"] >= 0
+    assert job["status"] == "ok" and job["spec"]["frames"] == 3
+    signalled = sum(d != "off" for s in job["segments"] for d in s["decisions"].values())
+    assert job["decode_records_applied"] == job["decode_records_verified"] == signalled  # MD5: each is checked
     bd = json.loads((out / "bdrate.json").read_text())
     assert {c["class"] for c in bd["classes"]} == {"D", "All"}
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "jobs").iterdir()}

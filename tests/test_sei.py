@@ -7,7 +7,6 @@ import hashlib
 import io
 import subprocess
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np
@@ -18,6 +17,7 @@ from hypothesis import strategies as st
 from hevc_ext import sei
 from hevc_ext.arch import Architecture, Group, Packing
 from hevc_ext.backends import CodingConfig
+from hevc_ext.backends.hm import locate_hm
 from hevc_ext.backends.x265 import x265_params
 from hevc_ext.container import mux, read_annexb
 from hevc_ext.errors import InputFormatError, SideStreamError
@@ -28,7 +28,7 @@ from hevc_ext.sidecar import HashType, PictureHash, Record, RecordType, SideStre
 from hevc_ext.yuv import Frame, VideoFormat
 
 W, H = 64, 64
-HM_DECODER = Path("/root/hm/HM-16.17/bin/TAppDecoderStatic")
+HM_INSTALL, HM_WHY = locate_hm()  # HEVC_NLF_HM_DIR or third_party/HM, like the HM backend
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -260,10 +260,10 @@ def test_embedded_stream_decodes_with_av_to_the_plain_pictures(ra_clip):
     assert all(np.array_equal(a, b) for a, b in zip(plain, frames)) and len(frames) == 10
 
 
-@pytest.mark.skipif(not HM_DECODER.is_file(), reason="HM decoder not built here")
+@pytest.mark.skipif(HM_INSTALL is None, reason=f"HM not found: {HM_WHY}")
 def test_embedded_stream_decodes_with_hm(ra_clip, tmp_path):
     (tmp_path / "x.hevc").write_bytes(ra_clip["embedded"])
-    run = subprocess.run([str(HM_DECODER), "-b", "x.hevc", "-o", "x.yuv", "-d", "8"], cwd=tmp_path,
+    run = subprocess.run([str(HM_INSTALL.decoder), "-b", "x.hevc", "-o", "x.yuv", "-d", "8"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     expected = b"".join(np.concatenate([p.reshape(-1) for p in f.planes]).tobytes() for f in ra_clip["recon"])

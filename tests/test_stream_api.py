@@ -23,9 +23,10 @@ from hevc_ext.errors import MismatchError, SideStreamError  # noqa: E402
 from hevc_ext.sidecar import RecordType  # noqa: E402
 from hevc_ext.yuv import VideoFormat, VideoWriter  # noqa: E402
 
+from .conftest import SEQUENCES  # noqa: E402
+
 FMT = VideoFormat(W, H, Fraction(25), 8)
 REPO = Path(__file__).resolve().parents[1]
-SEQUENCES = Path(__file__).resolve().parents[2] / "shared" / "sequences"
 
 
 def fast_config(**kw):
