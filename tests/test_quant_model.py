@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
 
 from hevc_ext.arch import ALL_PACKINGS, Architecture, Group, Packing
 from hevc_ext.model import NlfNet, code_length_regulariser, export, normalised_weights, pack, unpack
-from hevc_ext.quant import (QuantConfig, activation_maxima, correct_biases, dequantize, derive, encode_step,
-                            float_forward, fold_batchnorm, quantize)
+from hevc_ext.quant import (FloatLayer, FloatNetwork, QLayer, QuantConfig, QuantizedNetwork, activation_maxima,
+                            choose_act_exp, correct_biases, dequantize, derive, encode_step, float_forward,
+                            fold_batchnorm, quantize, quantize_anchored)
 from hevc_ext.reference import filter_planes
 
 
@@ -180,3 +184,134 @@ def test_numpy_adam_matches_torch_adam():
         ref.step()
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- derivation, activation positions, anchoring
+
+
+def _qnet(layers, arch=Architecture(3, 1), config=QuantConfig(6, 10, 4)) -> QuantizedNetwork:
+    return QuantizedNetwork(Group.Y, Packing(1, 1), arch, config, tuple(layers))
+
+
+def _ql(weight, w_sig, w_exp, bias, b_sig, b_exp, act_exp) -> QLayer:
+    return QLayer(np.array(weight, np.int32), np.array(w_sig, np.int64), np.array(w_exp, np.int64),
+                  np.array(bias, np.int64), b_sig, b_exp, act_exp)
+
+
+def test_derive_rounds_biases_half_up():
+    """docs/integer-filter.md §3 on a 3-layer, 1-filter network whose bias exponents k are all negative,
+    so every bias needs rounding: bias = (bq·n·m' + 2^(−k−1)) >> −k."""
+    q = _qnet([
+        # layer 1: A_in = 7, (m, e) = (9, 0), (m', e') = (11, 0), A_out = 7: R = 0, k = 7 − 20 = −13;
+        # bq·n·m' = −100·9·11 = −9900, −9900 / 8192 = −1.21 → −1 (a floor would give −2)
+        _ql([[5]], [9], [0], [-100], 9, 20, 7),
+        # layer 2: A_in = 7, (m', e') = (10, 1), A_out = 10: R = −2 → mult = 10·2^2 = 40, shift 0,
+        # k = 7 + 2 − 17 = −8; 37·13·10 = 4810, 4810 / 256 = 18.79 → 19 (floor: 18)
+        _ql(np.full((1, 3, 3), 2), [11], [0], [37], 13, 17, 10),
+        # layer 3: A_in = 10, R = 10, k = 10 − 14 = −4; −7·8 = −56, −56 / 16 = −3.5 → −3 (half up)
+        _ql([[3]], [10], [1], [-7], 8, 14, 0),
+    ])
+    net = derive(q, 8)
+    assert [int(L.bias[0]) for L in net.layers] == [-1, 19, -3]
+    assert [int(L.mult[0]) for L in net.layers] == [99, 40, 1]
+    assert [int(L.shift[0]) for L in net.layers] == [0, 0, 10]
+
+
+def _doc_constants(q: QuantizedNetwork, bitdepth: int):
+    """mult, shift and bias per layer and channel, transcribed from docs/integer-filter.md §3 with exact
+    rational arithmetic (round half up = floor(x + 1/2))."""
+    out = []
+    a_in = bitdepth - 1
+    for i, ql in enumerate(q.layers):
+        nxt = q.layers[i + 1] if i + 1 < len(q.layers) else None
+        rows = []
+        for f in range(len(ql.bias)):
+            m, e = (int(ql.w_sig[f]), int(ql.w_exp[f])) if i == 0 else (1, 0)
+            m2, e2 = (int(nxt.w_sig[f]), int(nxt.w_exp[f])) if nxt is not None else (1, 0)
+            r = a_in + e + e2 - ql.act_exp
+            up = max(0, -r)
+            exact = Fraction(int(ql.bias[f]) * ql.b_sig * m2) * Fraction(2) ** (a_in + e + up - ql.b_exp)
+            rows.append((m * m2 * 2 ** up, max(0, r), math.floor(exact + Fraction(1, 2)), math.floor(exact)))
+        out.append(rows)
+        a_in = ql.act_exp
+    return out
+
+
+def test_derive_matches_the_documented_formula():
+    rng = np.random.default_rng(12)
+    arch, config = Architecture(5, 3), QuantConfig(6, 10, 4)
+    layers = []
+    for i, s in enumerate(arch.shapes(Group.Y, Packing(1, 1))):
+        ns = s.cout if i == 0 else s.cin
+        layers.append(_ql(rng.integers(-31, 32, s.weight_shape), rng.integers(8, 16, ns), rng.integers(-2, 4, ns),
+                          rng.integers(-511, 512, s.cout), int(rng.integers(8, 16)), int(rng.integers(12, 24)),
+                          int(rng.integers(6, 11)) if i < arch.layers - 1 else 0))
+    q = _qnet(layers, arch, config)
+    net = derive(q, 8)
+    want = _doc_constants(q, 8)
+    for L, rows in zip(net.layers, want):
+        assert [(int(a), int(b), int(c)) for a, b, c in zip(L.mult, L.shift, L.bias)] == [r[:3] for r in rows]
+    # the drawn exponents make biases inexact: several round to another integer than a floor would
+    assert sum(1 for rows in want for r in rows if r[2] != r[3]) >= 3
+
+
+@pytest.mark.parametrize("a", range(0, 32))
+def test_choose_act_exp_boundary(a):
+    """The largest A with act_max·2^A <= 2^14 (factor 2 below the 16-bit clamp), clamped to 0..31."""
+    exact = 2.0 ** (14 - a)  # act_max·2^a = 2^14 exactly: A = a
+    assert choose_act_exp(exact) == a
+    if a > 0:
+        assert choose_act_exp(exact * 1.0001) == a - 1  # just above: one position less
+    assert choose_act_exp(exact * 0.9999) == a  # just below: still a (a + 1 would exceed 2^14)
+
+
+def test_choose_act_exp_examples():
+    def largest(act_max):  # independent reading of the docstring, by search
+        return max([A for A in range(32) if act_max * 2.0 ** A <= 2.0 ** 14], default=0)
+
+    for act_max in (0.3, 0.75, 1.0, 1.5, 3.0, 100.0, 511.9, 512.0, 512.5, 1000.0, 16383.0, 16384.0, 16385.0,
+                    1e6, 1e-9, 2.0 ** -17, 2.0 ** -18):
+        assert choose_act_exp(act_max) == largest(act_max), act_max
+    assert choose_act_exp(512.0) == 5 and choose_act_exp(512.5) == 4 and choose_act_exp(1.0) == 14
+    assert choose_act_exp(1e6) == 0 and choose_act_exp(1e-9) == 31
+
+
+def _float_net(rng, arch: Architecture, scale: float = 1.0) -> FloatNetwork:
+    layers = []
+    for s in arch.shapes(Group.Y, Packing(1, 1)):
+        layers.append(FloatLayer(s.kind, rng.normal(0, 0.5, s.weight_shape) * scale,
+                                 rng.normal(0, 0.1, s.cout) * scale, s.relu))
+    return FloatNetwork(Group.Y, Packing(1, 1), tuple(layers))
+
+
+def test_quantize_anchored_keeps_the_steps_and_rounds_to_them():
+    """A low-delay update quantized with the reference's steps: the steps (and positions) are the
+    reference's, and every weight and bias of the new float network that lies within the reference's
+    range is reproduced to within half of its step."""
+    rng = np.random.default_rng(21)
+    arch, config = Architecture(3, 3), QuantConfig(6, 10, 4)
+    base = _float_net(rng, arch)
+    ref = quantize(base, arch, config, [np.ones(3), np.ones(3)])
+    # the update: shrink a little and move every value by at most 5% of its layer's peak (stays in range)
+    update = FloatNetwork(base.group, base.packing, tuple(
+        FloatLayer(L.kind, 0.9 * L.weight + rng.uniform(-0.05, 0.05, L.weight.shape) * np.abs(L.weight).max(),
+                   0.9 * L.bias + rng.uniform(-0.05, 0.05, L.bias.shape) * np.abs(L.bias).max(), L.relu)
+        for L in base.layers))
+    q = quantize_anchored(update, ref)
+    deq = dequantize(q)
+    for i, (ql, rl, fl, dl) in enumerate(zip(q.layers, ref.layers, update.layers, deq.layers)):
+        np.testing.assert_array_equal(ql.w_sig, rl.w_sig)
+        np.testing.assert_array_equal(ql.w_exp, rl.w_exp)
+        assert (ql.b_sig, ql.b_exp, ql.act_exp) == (rl.b_sig, rl.b_exp, rl.act_exp)
+        assert rl.b_exp != 0  # otherwise 2^(−g) and 2^g would coincide
+        bstep = rl.b_sig * 2.0 ** -rl.b_exp
+        assert np.all(np.abs(dl.bias - fl.bias) <= bstep / 2 * (1 + 1e-9)), i
+        wstep = rl.w_sig * 2.0 ** -rl.w_exp.astype(np.float64)
+        if i == 0:  # steps per output channel
+            wstep = wstep.reshape(-1, *(1,) * (fl.weight.ndim - 1))
+        elif fl.kind == "pw":  # per input channel
+            wstep = wstep[None, :]
+        else:
+            wstep = wstep[:, None, None]
+        assert np.all(np.abs(dl.weight - fl.weight) <= wstep / 2 * (1 + 1e-9)), i
+        assert np.abs(ql.bias).max() > 0 and np.abs(ql.weight).max() > 0

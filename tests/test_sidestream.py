@@ -219,3 +219,148 @@ def test_fuzz_record_and_header_parsers_behind_the_crc(data):
             parser.parse(bytes(raw), idx)
     except SideStreamError:
         pass
+
+
+# ------------------------------------------------------------------- conformance with docs/sidecar.md
+#: docs/sidecar.md, "Coded network": T[q] and the fixed shape q_s of the small scalars
+DOC_T = [115, 424, 1200, 2740, 5274, 8869, 13399, 18591, 24109, 29633, 34905, 39750, 44069, 47828, 51039, 53741,
+         55986, 57835, 59346, 60573, 61565, 62364, 63006, 63520, 63930, 64258, 64520, 64728, 64894, 65026, 65131, 65214]
+DOC_Q_SMALL = 4
+
+
+class _SpecEncoder:
+    """The symbols of docs/sidecar.md written with constriction directly (not through hevc_ext.entropy)."""
+
+    def __init__(self) -> None:
+        import constriction
+
+        self.cs = constriction
+        self.enc = constriction.stream.queue.RangeEncoder()
+
+    @staticmethod
+    def freqs(q: int, k: int) -> list[int]:
+        half = [1 << 16]
+        for _ in range(k):
+            half.append(max(1, (half[-1] * DOC_T[q] + (1 << 15)) >> 16))
+        return half[:0:-1] + half
+
+    def U(self, value: int, n: int) -> None:
+        if n >= 2:
+            self.enc.encode(int(value), self.cs.stream.model.Uniform(n))
+
+    def G(self, values, q: int, k: int) -> None:
+        values = [int(v) for v in np.ravel(values)]
+        if values:
+            f = np.array(self.freqs(q, k), np.float64)
+            model = self.cs.stream.model.Categorical(f / f.sum(), perfect=False)
+            self.enc.encode(np.array([v + k for v in values], np.int32), model)
+
+    def T(self, values, k: int) -> None:
+        values = [int(v) for v in np.ravel(values)]
+        costs = []
+        for q in range(32):
+            f = np.array(self.freqs(q, k), np.float64)
+            costs.append(float(-np.log2(f[np.array(values) + k] / f.sum()).sum()))
+        q = int(np.argmin(costs))
+        self.U(q, 32)
+        self.G(values, q, k)
+
+    def bytes(self) -> bytes:
+        return self.enc.get_compressed().astype("<u4").tobytes()
+
+
+def _spec_encode(net: QuantizedNetwork, ref: QuantizedNetwork | None = None) -> bytes:
+    cfg = net.config
+    Q, Qb, h, E = cfg.wmax, cfg.bmax, 1 << (cfg.scale_bits - 1), 63
+    assert (Q, Qb) == ((1 << (cfg.weight_bits - 1)) - 1, (1 << (cfg.bias_bits - 1)) - 1)
+    enc = _SpecEncoder()
+    L = len(net.layers)
+    for l, layer in enumerate(net.layers):
+        if ref is None:
+            if l < L - 1:
+                enc.U(layer.act_exp, 32)
+            enc.U(int(layer.w_exp[0]) + 16, 64)
+            enc.G([int(b) - int(a) for a, b in zip(layer.w_exp[:-1], layer.w_exp[1:])], DOC_Q_SMALL, E)
+            for m in layer.w_sig:
+                enc.U(int(m) - h, h)
+            enc.T(layer.weight, Q)
+            enc.U(layer.b_exp + 16, 64)
+            enc.U(layer.b_sig - h, h)
+            enc.T(layer.bias, Qb)
+        else:
+            r = ref.layers[l]
+            if l < L - 1:
+                enc.G([layer.act_exp - r.act_exp], DOC_Q_SMALL, 31)
+            enc.T(layer.w_exp - r.w_exp, E)
+            if h > 1:
+                enc.T(layer.w_sig - r.w_sig, h - 1)
+            enc.T(layer.weight.astype(np.int64) - r.weight, 2 * Q)
+            enc.G([layer.b_exp - r.b_exp], DOC_Q_SMALL, E)
+            if h > 1:
+                enc.G([layer.b_sig - r.b_sig], DOC_Q_SMALL, h - 1)
+            enc.T(layer.bias - r.bias, 2 * Qb)
+    return enc.bytes()
+
+
+def _conformance_pair():
+    """A tiny hand-built network (Y, 1x1, 3 layers of 2 filters, 4-bit weights) and an update of it."""
+    cfg = QuantConfig(4, 6, 2)  # Q = 7, Qb = 31, h = 2
+
+    def layer(w, sig, exp, bias, bs, be, act):
+        return QLayer(np.array(w, np.int32), np.array(sig, np.int64), np.array(exp, np.int64),
+                      np.array(bias, np.int64), bs, be, act)
+
+    a = QuantizedNetwork(Group.Y, Packing(1, 1), Architecture(3, 2), cfg, (
+        layer([[3], [-7]], [2, 3], [5, 8], [1, -2], 3, 12, 9),
+        layer([[[0, 1, 0], [1, -4, 1], [0, 1, 0]], [[7, 0, 0], [0, 0, 0], [0, 0, -7]]], [3, 2], [2, 1], [0, 31],
+              2, 10, 11),
+        layer([[1, -1]], [2, 2], [0, 0], [-31], 3, 16, 0)))
+    b = QuantizedNetwork(Group.Y, Packing(1, 1), Architecture(3, 2), cfg, (
+        layer([[4], [-7]], [2, 3], [6, 8], [1, -3], 3, 13, 8),
+        layer([[[0, 1, 0], [1, -4, 1], [0, 1, 0]], [[6, 0, 0], [0, 0, 0], [0, 0, -7]]], [2, 2], [2, 1], [0, 30],
+              3, 10, 12),
+        layer([[1, -1]], [2, 3], [0, -1], [-31], 3, 14, 0)))
+    return a, b
+
+
+def test_doc_tables_match_the_implementation_constants():
+    from hevc_ext import entropy
+
+    assert list(entropy.GEOMETRIC_DECAY) == DOC_T
+    assert entropy.Q_SMALL == DOC_Q_SMALL
+    for q in range(32):  # T[q] = round(65536 · exp(−1 / 2^((q − 8)/3)))
+        assert DOC_T[q] == round(65536 * np.exp(-1 / 2 ** ((q - 8) / 3)))
+    for q, k in ((0, 3), (DOC_Q_SMALL, 63), (DOC_Q_SMALL, 31), (31, 7)):
+        assert geometric_frequencies(q, k).tolist() == _SpecEncoder.freqs(q, k)
+
+
+def test_coded_network_conforms_to_the_documented_syntax():
+    """encode_network produces exactly the bytes of an encoder transcribed from docs/sidecar.md (absolute
+    and difference coding), and decode_network reads them back."""
+    a, b = _conformance_pair()
+    want_a, want_b = _spec_encode(a), _spec_encode(b, a)
+    assert encode_network(a) == want_a
+    assert encode_network(b, a) == want_b
+    assert decode_network(want_a, a.group, a.packing, a.arch, a.config).equals(a)
+    assert decode_network(want_b, b.group, b.packing, b.arch, b.config, prev=a).equals(b)
+
+
+def test_decoder_rejects_difference_coded_weights_outside_the_config():
+    """NEW_DIFF codes weight differences in ±2Q, so a decoded weight (reference + difference) can leave
+    ±Q; the decoder must reject it (docs/sidecar.md: |wq| <= Q)."""
+    a, _ = _conformance_pair()
+    cfg = a.config
+    bad_layers = list(a.layers)
+    w = a.layers[0].weight.copy()
+    w[1, 0] = -cfg.wmax - 3  # reference −7, difference −3 (codable in ±14), decoded −10 outside ±7
+    bad_layers[0] = replace(a.layers[0], weight=w)
+    bad = QuantizedNetwork(a.group, a.packing, a.arch, cfg, tuple(bad_layers))
+    data = encode_network(bad, a)
+    with pytest.raises(SideStreamError, match=r"layer 1: weights out of range -7\.\.7"):
+        decode_network(data, a.group, a.packing, a.arch, cfg, prev=a)
+    # a wider config accepts the same integers (the check uses the config's range, nothing else)
+    wide = QuantConfig(5, cfg.bias_bits, cfg.scale_bits)
+    a_wide = QuantizedNetwork(a.group, a.packing, a.arch, wide, a.layers)
+    bad_wide = QuantizedNetwork(a.group, a.packing, a.arch, wide, tuple(bad_layers))
+    back = decode_network(encode_network(bad_wide, a_wide), a.group, a.packing, a.arch, wide, prev=a_wide)
+    assert back.equals(bad_wide)
