@@ -36,6 +36,10 @@ def check_input(path: PathLike, expected: str = "a file") -> None:
         raise InputFormatError(f"{path}: no such file")
     if p.is_dir():
         raise InputFormatError(f"{path}: is a directory, expected {expected}")
+    if not p.is_file():  # a pipe (<(...)) or a device: opening it here would consume or block it
+        if not os.access(p, os.R_OK):
+            raise InputFormatError(f"{path}: cannot read: permission denied")
+        return
     try:
         with open(p, "rb"):
             pass

@@ -74,3 +74,25 @@ def test_atomic_output_writes_devices_in_place():
     with atomic_output(os.devnull) as f:
         f.write(b"discarded")
     assert os.path.exists(os.devnull) and not os.path.isfile(os.devnull)
+
+
+def test_check_input_does_not_open_a_pipe(tmp_path):
+    """A named pipe (or bash's <(...)) is only checked for permission: opening it to probe would block
+    without a writer, or take data from the real reader."""
+    import threading
+
+    fifo = tmp_path / "in.hevc"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def probe() -> None:
+        check_input(fifo)
+        done.set()
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(5)
+    if not done.is_set():  # unblock the probe's open so the thread ends, then fail
+        with open(fifo, "wb"):
+            pass
+    assert done.is_set()
