@@ -74,7 +74,17 @@ def test_encode_decode_reproduces_measurement(make_clip, tmp_path, mode):
     if mode == "ra":
         assert types <= {RecordType.NEW, RecordType.OFF}
     else:
-        assert types & {RecordType.REUSE, RecordType.NEW_DIFF}
+        # low delay: once a group has a network, every later GoP weighs reusing it and coding the
+        # difference to it. Which one wins depends on the trained networks, and x265 through av does
+        # not reproduce its pictures exactly from run to run, so the test checks the offer, not the
+        # winner (the winner's record is decoded and verified below whatever it is)
+        for group in ("y", "uv"):
+            seen = False
+            for seg in rep["segments"]:
+                labels = [c["label"] for c in seg["groups"][group]["candidates"]]
+                if seen:
+                    assert "reuse" in labels and any(lab.startswith("new_diff") for lab in labels), labels
+                seen = seen or seg["groups"][group]["decision"] != "off"
 
     out = tmp_path / "dec.yuv"
     drep = decode(str(tmp_path / "out.hevc"), str(out), str(tmp_path / "out.nlf"))
