@@ -73,7 +73,7 @@ def _as_vector(values: _Values, what: str) -> np.ndarray:
     return arr
 
 
-def _plain(x: float) -> str:
+def plain_number(x: float) -> str:
     """A number for a message: ``-5``, ``0.25``, ``nan``, ``inf`` (never a numpy repr like ``np.float64(-5.0)``)."""
     return f"{float(x):.15g}"
 
@@ -90,11 +90,11 @@ def _curve(rates: _Values, psnr: _Values, label: str) -> _Curve:
         bad = np.flatnonzero(~np.isfinite(arr))
         if bad.size:
             i = int(bad[0])
-            raise UsageError(f"{label}: {name} of point {i} is {_plain(arr[i])}; all values must be finite")
+            raise UsageError(f"{label}: {name} of point {i} is {plain_number(arr[i])}; all values must be finite")
     bad = np.flatnonzero(r <= 0)
     if bad.size:
         i = int(bad[0])
-        raise UsageError(f"{label}: rate of point {i} is {_plain(r[i])}; rates must be positive")
+        raise UsageError(f"{label}: rate of point {i} is {plain_number(r[i])}; rates must be positive")
     order = np.argsort(r, kind="stable")
     rs, ps = r[order], p[order]
     for k in range(1, len(rs)):

@@ -30,7 +30,7 @@ def _read_stream(path: str) -> bytes:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .files import atomic_output, atomic_outputs, check_output
+    from .files import atomic_outputs, check_output
     from .sei import parse_units, scan
 
     for out in (args.output, args.stripped):
@@ -43,16 +43,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.stream}: carries no hevc-nlf records (encode with --embed)")
     side = parse_units(found.units, args.stream, found.pictures)  # validate before writing anything
     sidecar = found.sidecar_bytes()
-    if args.stripped and "-" not in (args.output, args.stripped):  # both files or neither
-        with atomic_outputs(args.output, args.stripped) as (f, g):
-            f.write(sidecar)
-            g.write(found.plain)
-    else:
-        with atomic_output(args.output) as f:
-            f.write(sidecar)
+    with atomic_outputs(args.output, *([args.stripped] if args.stripped else [])) as handles:  # all or none
+        handles[0].write(sidecar)
         if args.stripped:
-            with atomic_output(args.stripped) as f:
-                f.write(found.plain)
+            handles[1].write(found.plain)
     if args.output != "-" and not args.quiet:
         print(f"{args.stream}: {len(side.records)} records for {found.pictures} pictures; wrote {args.output} "
               f"({len(sidecar)} bytes)" + (f" and {args.stripped} ({len(found.plain)} bytes)" if args.stripped else ""))

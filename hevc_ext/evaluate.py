@@ -46,7 +46,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .bdrate import MIN_POINTS, bd_rate
+from .bdrate import MIN_POINTS, bd_rate, plain_number
 from .errors import InputFormatError, UsageError
 
 __all__ = [
@@ -211,10 +211,9 @@ def plan_jobs(sequences: Sequence[Any], modes: Sequence[str], qps: Sequence[int]
     says so instead. An unknown ``settings.codec`` (one the backend registry does not list) is a
     :class:`UsageError`; a known codec that is not installed here (HM not found) can still be planned.
     """
-    from .backends import BACKENDS
+    from .backends import check_codec
 
-    if settings.codec not in BACKENDS:
-        raise UsageError(f"unknown codec {settings.codec!r}: expected one of {', '.join(BACKENDS)}")
+    check_codec(settings.codec)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise UsageError(f"modes: expected some of {', '.join(MODES)}, got {', '.join(modes) or 'none'}")
@@ -575,7 +574,7 @@ def _shown(value: Any) -> str:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return str(int(value))
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return f"{float(value):.15g}"
+        return plain_number(value)
     try:
         return json.dumps(value)  # true, null, a list...: as the JSON file has it
     except (TypeError, ValueError):

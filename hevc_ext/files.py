@@ -47,14 +47,19 @@ def check_input(path: PathLike, expected: str = "a file") -> None:
         raise InputFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
+def written_in_place(path: PathLike) -> bool:
+    """Whether ``path`` is an output that cannot be replaced by a rename: standard output (``-``), or an
+    existing device or named pipe (/dev/null). Such outputs are written directly."""
+    target = Path(path)
+    return str(path) == "-" or (target.exists() and not target.is_dir() and not target.is_file())
+
+
 def check_output(path: PathLike, inputs: Iterable[PathLike | None] = ()) -> None:
     """Raise :class:`OutputError` (or :class:`UsageError` for an output that is an input) unless ``path``
-    can be created or replaced; ``-`` (standard output) always can."""
-    if str(path) == "-":
+    can be created or replaced; ``-`` (standard output), a device and a named pipe always can."""
+    if written_in_place(path):
         return
     target = Path(path)
-    if target.exists() and not target.is_dir() and not target.is_file():
-        return  # a device or a pipe (/dev/null): written in place
     if target.is_dir():
         raise OutputError(f"{path}: is a directory")
     for source in inputs:
@@ -91,15 +96,27 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_outputs(*paths: PathLike) -> Iterator[list[BinaryIO]]:
-    """Binary handles for ``paths`` (files, not ``-``) that appear under their names together, and only
-    if the block succeeds."""
+def atomic_outputs(*paths: PathLike, stdout: BinaryIO | None = None) -> Iterator[list[BinaryIO]]:
+    """Binary handles for ``paths`` whose files appear under their names together, and only if the block
+    succeeds. ``-`` yields standard output (``stdout`` if given) and an existing device or named pipe
+    is written in place (:func:`written_in_place`): neither can be taken back."""
     temps: list[tuple[str, Path]] = []
     try:
         with contextlib.ExitStack() as stack:
             handles: list[BinaryIO] = []
             for path in paths:
                 target = Path(path)
+                if str(path) == "-":
+                    out = stdout if stdout is not None else sys.stdout.buffer
+                    stack.callback(out.flush)
+                    handles.append(out)
+                    continue
+                if written_in_place(path):
+                    try:
+                        handles.append(stack.enter_context(open(target, "wb")))
+                    except OSError as exc:
+                        raise _error(path, exc) from None
+                    continue
                 try:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
@@ -128,24 +145,7 @@ def atomic_outputs(*paths: PathLike) -> Iterator[list[BinaryIO]]:
 
 @contextlib.contextmanager
 def atomic_output(path: PathLike, stdout: BinaryIO | None = None) -> Iterator[BinaryIO]:
-    """A binary file handle for ``path`` that only appears under that name if the block succeeds.
-
-    ``-`` yields standard output, and an existing device or named pipe (``/dev/null``) is written in
-    place (neither can be taken back; the caller flushes what it has).
-    """
-    if str(path) == "-":
-        out = stdout if stdout is not None else sys.stdout.buffer
-        yield out
-        out.flush()
-        return
-    target = Path(path)
-    if target.exists() and not target.is_dir() and not target.is_file():  # /dev/null, a named pipe
-        try:
-            handle = open(target, "wb")  # noqa: SIM115
-        except OSError as exc:
-            raise _error(path, exc) from None
-        with handle:
-            yield handle
-        return
-    with atomic_outputs(path) as (handle,):
+    """A binary file handle for ``path`` that only appears under that name if the block succeeds
+    (:func:`atomic_outputs` with one path)."""
+    with atomic_outputs(path, stdout=stdout) as (handle,):
         yield handle

@@ -31,7 +31,7 @@ from .quant import QuantConfig, QuantizedNetwork, derive
 from .reference import IntNetwork
 from .sidecar import (HashType, PictureHash, Record, RecordType, SideStream, StreamHeader, check_stream_matches,
                       picture_crc, record_payload)
-from .files import atomic_output, atomic_outputs, check_input, check_output
+from .files import atomic_output, atomic_outputs, check_input, check_output, written_in_place
 from .yuv import Frame, MemmapSource, VideoFormat, VideoSource, VideoWriter, is_y4m_name, open_video, parse_fps
 
 log = logging.getLogger("hevc_ext.pipeline")
@@ -673,8 +673,7 @@ def decode(stream_path: str, output: str, side_path: str | None = None, *, kerne
     if side_path:
         check_input(side_path, "a side stream (.nlf)")
     check_output(output, inputs=(stream_path, side_path))
-    if y4m is None and output != "-" and Path(output).suffix.lower() not in (".yuv", ".y4m") and \
-            (not Path(output).exists() or Path(output).is_file()):
+    if y4m is None and not written_in_place(output) and Path(output).suffix.lower() not in (".yuv", ".y4m"):
         raise UsageError(f"{output}: the decoded pictures are written as .yuv or .y4m (or - for Y4M on stdout), "
                          f"not {Path(output).suffix or 'a name without suffix'}")
     rate = parse_fps(fps) if fps is not None else None

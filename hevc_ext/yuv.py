@@ -313,12 +313,14 @@ def open_video(path: str, size: str | None = None, fps: str | float | None = Non
     check_input(path, "a .yuv or .y4m file")
     if path.lower().endswith(".y4m"):
         src = _open_y4m_file(path, fps)
+        problem = None
         if size is not None and parse_size(size) != (src.fmt.width, src.fmt.height):
-            raise UsageError(f"{path}: --size {size} contradicts the Y4M header "
-                             f"({src.fmt.width}x{src.fmt.height}); the header decides, leave --size out")
-        if bitdepth is not None and bitdepth != src.fmt.bitdepth:
-            raise UsageError(f"{path}: --bitdepth {bitdepth} contradicts the Y4M header ({src.fmt.bitdepth}-bit); "
-                             f"the header decides, leave --bitdepth out")
+            problem = f"--size {size} contradicts the Y4M header ({src.fmt.width}x{src.fmt.height})"
+        elif bitdepth is not None and bitdepth != src.fmt.bitdepth:
+            problem = f"--bitdepth {bitdepth} contradicts the Y4M header ({src.fmt.bitdepth}-bit)"
+        if problem:
+            src.close()
+            raise UsageError(f"{path}: {problem}; the header decides, leave the option out")
         return src
     fmt = resolve_format(path, size, fps, bitdepth)
     total = os.path.getsize(path)

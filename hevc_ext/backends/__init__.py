@@ -8,7 +8,14 @@ from .base import MODES, Backend, CodingConfig, EncodeResult, format_command
 BACKENDS = ("x265", "hm")
 
 
+def check_codec(name: str) -> None:
+    """Raise :class:`UsageError` unless ``name`` is a backend of :data:`BACKENDS` (installed or not)."""
+    if name not in BACKENDS:
+        raise UsageError(f"unknown codec {name!r}: expected one of {', '.join(BACKENDS)}")
+
+
 def get_backend(name: str, **options: object) -> Backend:
+    check_codec(name)
     if name == "x265":
         from .x265 import X265Backend
 
@@ -17,7 +24,8 @@ def get_backend(name: str, **options: object) -> Backend:
         from .hm import HMBackend
 
         return HMBackend(**options)  # type: ignore[arg-type]
-    raise UsageError(f"unknown codec {name!r}: expected one of {', '.join(BACKENDS)}")
+    raise AssertionError(f"backend {name!r} is listed in BACKENDS but not constructed here")
 
 
-__all__ = ["BACKENDS", "MODES", "Backend", "CodingConfig", "EncodeResult", "format_command", "get_backend"]
+__all__ = ["BACKENDS", "MODES", "Backend", "CodingConfig", "EncodeResult", "check_codec", "format_command",
+           "get_backend"]
