@@ -220,22 +220,35 @@ def _print_encode_summary(report: Any) -> None:
         print(f"  backend command: {c}")
 
 
+def decode_sidecar(stream: str, sidecar: str | None, no_sidecar: bool) -> str | None:
+    """The side stream `decode` applies: ``--sidecar``, else STREAM's name with the suffix .nlf when
+    that file exists (what ``encode -o BASE`` writes beside BASE.hevc), unless ``--no-sidecar``."""
+    if sidecar is not None or no_sidecar or stream == "-":
+        return sidecar
+    beside = Path(stream).with_suffix(".nlf")
+    return str(beside) if beside.is_file() and beside != Path(stream) else None
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     from .pipeline import decode
 
     progress = ProgressPrinter(enabled=not (args.json or args.quiet or args.output == "-"))
+    sidecar = decode_sidecar(args.stream, args.sidecar, args.no_sidecar)
+    if sidecar is not None and args.sidecar is None:
+        log.info("side stream %s (found next to the stream; --no-sidecar decodes without it)", sidecar)
     try:
-        rep = decode(args.stream, args.output, args.sidecar, kernel=args.kernel, progress=progress, fps=args.fps)
+        rep = decode(args.stream, args.output, sidecar, kernel=args.kernel, progress=progress, fps=args.fps)
     finally:
         progress.close()
     info = {"frames": rep.frames, "width": rep.width, "height": rep.height, "bitdepth": rep.bitdepth,
             "records_applied": rep.filtered_records, "records_verified": rep.verified_records,
-            "kernel": rep.kernel, "seconds": round(rep.seconds, 3), "output": args.output}
+            "kernel": rep.kernel, "sidecar": sidecar, "seconds": round(rep.seconds, 3), "output": args.output}
     if args.json:
         (sys.stderr if args.output == "-" else sys.stdout).write(json.dumps(info, indent=2) + "\n")
     elif args.output != "-":
+        side = f"side stream {sidecar}" if sidecar else "no sidecar"
         print(f"decoded {rep.frames} pictures {rep.width}x{rep.height} {rep.bitdepth}-bit with the {rep.kernel} "
-              f"kernel; {rep.verified_records} records verified; wrote {args.output} ({rep.seconds:.2f} s)")
+              f"kernel ({side}); {rep.verified_records} records verified; wrote {args.output} ({rep.seconds:.2f} s)")
     return 0
 
 
@@ -323,7 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decode STREAM, rebuild the integer filters from the side stream, filter, "
                                    "verify the hashes and write the pictures.")
     p.add_argument("stream", help="HEVC stream: elementary (.hevc) or any container av demuxes (.mp4, .mkv)")
-    p.add_argument("--sidecar", metavar="FILE", help="side stream (.nlf); without it: the plain decode")
+    side = p.add_mutually_exclusive_group()
+    side.add_argument("--sidecar", metavar="FILE",
+                      help="side stream (.nlf) (default: STREAM's name with .nlf when that file exists, else the "
+                           "records embedded in STREAM, if any)")
+    side.add_argument("--no-sidecar", action="store_true",
+                      help="do not look for a .nlf beside STREAM (records embedded in STREAM still apply)")
     p.add_argument("-o", "--output", required=True, help="output .yuv, .y4m, or - (Y4M on stdout)")
     p.add_argument("--kernel", default="auto", choices=("auto", "cuda", "cpu", "reference"),
                    help="filter implementation (default: %(default)s; auto: CUDA, else C++, else the reference)")

@@ -18,7 +18,7 @@ from hevc_ext.hevcdec import decode_frames
 from hevc_ext.kernels import get_kernel
 from hevc_ext.metrics import PsnrAccumulator
 from hevc_ext.pipeline import EncoderConfig, FrameFilter, decode, encode, read_side_stream
-from hevc_ext.sidecar import RecordType
+from hevc_ext.sidecar import RecordType, SideStream
 from hevc_ext.train import TrainConfig
 from hevc_ext.yuv import open_video
 
@@ -237,6 +237,40 @@ def test_damaged_and_foreign_side_streams(make_clip, tmp_path, capsys):
     assert main(["decode", str(tmp_path / "a.hevc"), "--sidecar", str(tmp_path / "b.nlf"),
                  "-o", str(tmp_path / "o.yuv")]) == 1
     assert "another encode" in capsys.readouterr().err
+
+
+def test_decode_finds_the_sidecar_beside_the_stream(make_clip, tmp_path, capsys):
+    """`encode -o s` writes s.hevc + s.nlf; `decode s.hevc` applies s.nlf without being told (a plain
+    decode of a filtered encode would be a silent loss), --no-sidecar opts out, and a stream cut short
+    fails against the records it no longer covers instead of decoding part of the pictures."""
+    clip = make_clip(n=4, width=64, height=48)
+    encode(str(clip), str(tmp_path / "s"), _config("ra"))
+    n_records = len(SideStream.from_bytes((tmp_path / "s.nlf").read_bytes()).records)
+    stream = str(tmp_path / "s.hevc")
+
+    def run(*extra: str) -> dict:
+        capsys.readouterr()
+        assert main(["decode", stream, "--json", "-q", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    found = run("-o", str(tmp_path / "a.yuv"))
+    assert found["sidecar"] == str(tmp_path / "s.nlf") and found["records_applied"] == n_records > 0
+    told = run("--sidecar", str(tmp_path / "s.nlf"), "-o", str(tmp_path / "b.yuv"))
+    assert told["records_verified"] == found["records_verified"]
+    assert (tmp_path / "a.yuv").read_bytes() == (tmp_path / "b.yuv").read_bytes()
+    plain = run("--no-sidecar", "-o", str(tmp_path / "c.yuv"))
+    assert plain["sidecar"] is None and plain["records_applied"] == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["decode", stream, "--sidecar", str(tmp_path / "s.nlf"), "--no-sidecar", "-o", str(tmp_path / "d.yuv")])
+    assert exc.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+    data = (tmp_path / "s.hevc").read_bytes()
+    (tmp_path / "cut.hevc").write_bytes(data[: data.rindex(b"\x00\x00\x01")])  # without the last NAL unit
+    (tmp_path / "cut.nlf").write_bytes((tmp_path / "s.nlf").read_bytes())
+    assert main(["decode", str(tmp_path / "cut.hevc"), "-o", str(tmp_path / "cut.yuv")]) == 1
+    assert "truncated" in capsys.readouterr().err
+    assert not (tmp_path / "cut.yuv").exists() and not list(tmp_path.glob(".*.part"))
 
 
 @pytest.mark.parametrize("in_thread", [True, False], ids=["hash-in-thread", "hash-inline"])
