@@ -223,7 +223,7 @@ def _print_encode_summary(report: Any) -> None:
 def decode_sidecar(stream: str, sidecar: str | None, no_sidecar: bool) -> str | None:
     """The side stream `decode` applies: ``--sidecar``, else STREAM's name with the suffix .nlf when
     that file exists (what ``encode -o BASE`` writes beside BASE.hevc), unless ``--no-sidecar``."""
-    if sidecar is not None or no_sidecar or stream == "-":
+    if sidecar is not None or no_sidecar:
         return sidecar
     beside = Path(stream).with_suffix(".nlf")
     return str(beside) if beside.is_file() and beside != Path(stream) else None
