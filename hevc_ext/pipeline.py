@@ -642,7 +642,10 @@ class FrameFilter:
         self._wait_hashing()
         self.close()
         if self.side is not None:
-            total = self.side.header.frame_count
+            # A header written while streaming has frame_count 0; then the records say how many pictures
+            # there are (check_consistency: each group's records cover frames 0.. without a gap).
+            total = self.side.header.frame_count or max(
+                (recs[-1].first_frame + recs[-1].frame_count for recs in self.records.values() if recs), default=0)
             if total and self.index != total:
                 raise MismatchError(f"{self.origin}: the HEVC stream has {self.index} pictures, the side stream "
                                     f"describes {total}: the HEVC stream is truncated or damaged, or the side "

@@ -303,6 +303,27 @@ def test_output_hash_mismatch_is_detected(make_clip, tmp_path, in_thread):
     assert not (tmp_path / "o.yuv").exists()
 
 
+def test_streaming_side_stream_still_catches_a_short_hevc_stream(make_clip, tmp_path):
+    """A side stream written while streaming does not know its frame count (header frame_count 0);
+    the records do: a decode that runs out of pictures inside the last record fails instead of
+    leaving that record's pictures unverified, and one that has them all passes."""
+    clip = make_clip(n=8, width=64, height=48)
+    encode(str(clip), str(tmp_path / "s"), _config("ra"))
+    side = read_side_stream(str(tmp_path / "s.nlf"))
+    streamed = replace(side, header=replace(side.header, frame_count=0))
+    frames = list(decode_frames(tmp_path / "s.hevc"))
+    full = FrameFilter(streamed, get_kernel("auto"), "s.nlf")
+    for f in frames:
+        full.process(f, 8)
+    full.finish()
+    assert full.filtered == len(side.records)
+    short = FrameFilter(streamed, get_kernel("auto"), "s.nlf")
+    for f in frames[:-1]:
+        short.process(f, 8)
+    with pytest.raises(MismatchError, match=f"has {len(frames) - 1} pictures, the side stream describes {len(frames)}"):
+        short.finish()
+
+
 def test_decode_to_stdout_is_y4m(make_clip, tmp_path, monkeypatch, capsysbinary):
     clip = make_clip(n=3, width=64, height=48)
     encode(str(clip), str(tmp_path / "s"), _config("ra"))
