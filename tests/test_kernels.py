@@ -298,12 +298,12 @@ def test_custom_layer_sequence(kernel: kernels.Kernel, group: Group) -> None:
 
 
 def test_wide_picture_many_strips_and_bands(kernel: kernels.Kernel) -> None:
-    """Wider than one column strip (252 packed columns for a 5-layer network) in every packing used,
-    with a narrow last strip, and tall enough for several row bands."""
+    """Wider than one column strip (508 packed columns for a 5-layer network) in every packing used,
+    with a narrow last strip, and tall enough for several row bands (of at least 32 rows)."""
     rng = np.random.default_rng(5)
     for group, packing in ((Group.Y, Packing(1, 1)), (Group.UV, Packing(2, 1)), (Group.Y, Packing(1, 2))):
         net = reference.random_network(rng, group, packing)
-        _assert_same(kernel, _planes(rng, group, (75, 561), 8), net, 8)
+        _assert_same(kernel, _planes(rng, group, (75, 561 * packing.pw), 8), net, 8)
 
 
 def test_bitdepths_and_containers(kernel: kernels.Kernel) -> None:

@@ -1,7 +1,7 @@
 // kernel_ab.cpp — A/B timing of builds of the C++ filter kernel in one process (a tool, not a test).
 //
 // Loads each library given (any build of kernels/filter_cpu.cpp), filters the same random 1080p frame
-// (Y with 1x2 packing, U+V with 1x1, 5x12 networks) with each in turn, N rounds interleaved, checks
+// (Y with 1x2 packing, U+V with 1x1, 5x12 networks; SIZE=WxH for another) with each in turn, N rounds interleaved, checks
 // that every library gives the same output and prints min / p25 / median ms per frame. Interleaving in
 // one process makes the comparison fair on a machine whose speed drifts (shared cores).
 //
@@ -10,6 +10,7 @@
 //   g++ -O3 -std=c++17 -shared -fPIC -pthread /tmp/old/filter_cpu.cpp -o /tmp/old.so
 //   N=80 ./kernel_ab 1 /tmp/old.so hevc_ext/_nlf_cpu*.so        # threads, libraries...
 //   WIDE=1 ...   # the unit tests' wider ranges (±127 weights, 8-bit multipliers) instead of the signalled ones
+//   SIZE=416x240 ...   # another frame size (luma packing as the paper's default: 2x2 from 2560x1600, 1x2 from 1080p)
 #include "../kernels/nlf_filter.h"
 #include <dlfcn.h>
 #include <algorithm>
@@ -55,9 +56,14 @@ int main(int argc, char** argv) {
         }
         fns.push_back((FilterFn)dlsym(h, "nlf_cpu_filter"));
     }
+    int W = 1920, H = 1080;
+    if (getenv("SIZE") && (std::sscanf(getenv("SIZE"), "%dx%d", &W, &H) != 2 || W < 2 || H < 2 || W % 2 || H % 2)) {
+        std::fprintf(stderr, "SIZE must be WxH (even, >= 2), got %s\n", getenv("SIZE"));
+        return 2;
+    }
+    const int ph = W * H >= 2560 * 1600 ? 2 : 1, pw = W * H >= 1920 * 1080 ? 2 : 1;
     std::mt19937 rng(1);
-    Net ny(1, 1, 2, rng, wide ? 127 : 31, wide ? 256 : 16), nuv(2, 1, 1, rng, wide ? 127 : 31, wide ? 256 : 16);
-    const int W = 1920, H = 1080;
+    Net ny(1, ph, pw, rng, wide ? 127 : 31, wide ? 256 : 16), nuv(2, 1, 1, rng, wide ? 127 : 31, wide ? 256 : 16);
     std::vector<uint8_t> y(W * H), u(W * H / 4), v(W * H / 4);
     for (auto* p : {&y, &u, &v})
         for (auto& x : *p) x = (uint8_t)rng();
