@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+import signal
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -366,6 +370,49 @@ def test_thread_counts_agree() -> None:
     for o in outs[1:]:
         assert np.array_equal(o, outs[0])
     assert np.array_equal(outs[0], reference.filter_planes(planes, net, 8)[0])
+
+
+def test_concurrent_calls_and_a_forked_child_agree() -> None:
+    """The C++ kernel keeps its worker threads between calls and lends them to one call at a time:
+    calls from several threads at once (the others start threads of their own) and a call in a child
+    forked after the workers started (they do not exist there; it must start its own, not wait for
+    them) all give the reference's output."""
+    if not HAVE_CPU:
+        pytest.skip("C++ kernel not built")
+    rng = np.random.default_rng(12)
+    nets = [reference.random_network(rng, Group.Y, Packing(1, 1)) for _ in range(3)]
+    planes = [_planes(rng, Group.Y, (70, 150 + 10 * i), 8) for i in range(3)]
+    want = [reference.filter_planes(p, n, 8)[0] for p, n in zip(planes, nets)]
+    k = kernels.get_kernel("cpu", threads=2)
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda i: k.filter_planes(planes[i % 3], nets[i % 3], 8)[0], range(24)))
+    assert all(np.array_equal(g, want[i % 3]) for i, g in enumerate(got))
+
+    if not hasattr(os, "fork"):
+        return
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # forking a process that has threads
+        pid = os.fork()
+    if pid == 0:  # the child: filter with 2 threads and send the result
+        try:
+            os.write(w, k.filter_planes(planes[1], nets[1], 8)[0].tobytes())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    try:
+        while select.select([r], [], [], 60)[0]:
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
+        if not data:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert data == want[1].tobytes(), "the forked child's call did not finish, or gave other output"
 
 
 # ------------------------------------------------------------------------------------ errors
