@@ -160,13 +160,13 @@ struct Pic {
 struct Scratch {
     int WB = 0;
     int16_t* mem = nullptr;
+    size_t capacity = 0;          // bytes at mem
     std::vector<int16_t*> stage;  // base of each stage's ring
     int16_t* zero = nullptr;      // maxp pairs of zeros
     Scratch() = default;
     Scratch(const Scratch&) = delete;
     Scratch& operator=(const Scratch&) = delete;
     ~Scratch() { std::free(mem); }
-    size_t capacity = 0;  // bytes at mem
     // Lay out the rings of plan P in mem, which is kept from an earlier call when it is large enough:
     // every ring row a call reads as valid is one it wrote before, whatever an earlier call left there
     // (as between the items of one call). Only the zero rows are cleared each time.
@@ -430,7 +430,7 @@ static int check_planes(const nlf_planes* pl, int planes, Pic<T>& pic) {
 }
 
 // Worker threads that outlive a call. Starting threads and setting up their ring buffers for every
-// call cost 5-8 % of a 1080p frame and ≈10 % of a 416x240 one (tools/kernel_ab.cpp, 2 threads). One
+// call cost 3-5 % of a 1080p frame and 9-11 % of a 416x240 one (tools/kernel_ab.cpp, 2 threads). One
 // call at a time uses the pool; a concurrent call (from another caller thread) starts threads of its
 // own. A child process after fork() starts a pool of its own (the parent's threads do not exist
 // there). Idle workers sleep on a condition variable; the pool is never destroyed and its threads end
@@ -540,10 +540,9 @@ static int filter(const nlf_network* net, const nlf_planes* pl, int threads, int
     p8.Wq = p16.Wq = Wq;
     p8.bd = p16.bd = pl->bitdepth;
 
-    // work items: strips of ~512 packed columns (long rows amortise the per-row set-up and the start of
-    // each source row's hardware prefetch: 512 ran 4-7 % faster than 256 at 1080p and no slower at any
-    // size from 416x240 to 2560x1600, 128 and 192 slower; the rings of a 5x12 network stay in L2), bands
-    // of rows for load balance between threads
+    // work items: strips of ~512 packed columns (long rows amortise the per-row set-up: 512 ran 2-7 %
+    // faster than 256 at 1080p and no slower at any size from 416x240 to 2560x1600, 128 and 192 ran
+    // slower; the rings of a 5x12 network stay in L2), bands of rows for load balance between threads
     if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
     threads = std::min(threads, 256);
     const int VW = vector_width(isa);
