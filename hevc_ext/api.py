@@ -316,11 +316,7 @@ class Decoder:
         out = self._handle(self._splitter.flush())
         out += self._output(self._hevc.flush())
         if self._filter is not None:
-            self._filter.finish()
-            for g, n in self._next.items():
-                if n != self.frames_out:
-                    raise MismatchError(f"{self.origin}: the embedded {g.label} records describe {n} pictures, "
-                                        f"the stream has {self.frames_out}")
+            self._filter.finish()  # also checks the records against the pictures output
         return out
 
     def _handle(self, nals: list[NalUnit]) -> list[Frame]:

@@ -642,14 +642,15 @@ class FrameFilter:
         self._wait_hashing()
         self.close()
         if self.side is not None:
-            # A header written while streaming has frame_count 0; then the records say how many pictures
-            # there are (check_consistency: each group's records cover frames 0.. without a gap).
-            total = self.side.header.frame_count or max(
-                (recs[-1].first_frame + recs[-1].frame_count for recs in self.records.values() if recs), default=0)
-            if total and self.index != total:
-                raise MismatchError(f"{self.origin}: the HEVC stream has {self.index} pictures, the side stream "
-                                    f"describes {total}: the HEVC stream is truncated or damaged, or the side "
-                                    f"stream belongs to another encode")
+            # the header's count (0 when it was written while streaming) and each group's records, which
+            # cover frames 0.. without a gap (check_consistency, or the streaming Decoder as they arrive)
+            counts = [self.side.header.frame_count] if self.side.header.frame_count else []
+            counts += [recs[-1].first_frame + recs[-1].frame_count for recs in self.records.values() if recs]
+            for total in counts:
+                if self.index != total:
+                    raise MismatchError(f"{self.origin}: the HEVC stream has {self.index} pictures, the side "
+                                        f"stream describes {total}: the HEVC stream is truncated or damaged, or the "
+                                        f"side stream belongs to another encode")
 
 
 def read_side_stream(path: str) -> SideStream:
