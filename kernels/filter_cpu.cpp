@@ -595,15 +595,17 @@ static int filter(const nlf_network* net, const nlf_planes* pl, int threads, int
         }
     };
     try {
-        Pool* pool = threads > 1 ? Pool::get() : nullptr;
         if (threads == 1) {
             worker();
-        } else if (!pool || !pool->run(threads, worker)) {  // the pool is busy: threads of this call's own
-            std::vector<std::thread> own;
-            own.reserve(threads - 1);
-            for (int t = 1; t < threads; ++t) own.emplace_back(worker);
-            worker();
-            for (std::thread& th : own) th.join();
+        } else {
+            Pool* pool = Pool::get();
+            if (!pool || !pool->run(threads, worker)) {  // the pool is busy: threads of this call's own
+                std::vector<std::thread> own;
+                own.reserve(threads - 1);
+                for (int t = 1; t < threads; ++t) own.emplace_back(worker);
+                worker();
+                for (std::thread& th : own) th.join();
+            }
         }
     } catch (const std::system_error&) {
         return fail(NLF_ERR_INTERNAL, "cannot start threads");
