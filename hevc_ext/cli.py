@@ -175,11 +175,20 @@ def _default_base(input_path: str) -> str:
     return Path(input_path).with_suffix("").name
 
 
+def _output_base(output: str | None, input_path: str) -> str:
+    """BASE of ``encode -o``: a trailing ``.hevc`` or ``.nlf`` names the stream or the side stream, so
+    ``-o clip.hevc`` writes clip.hevc and clip.nlf (not clip.hevc.hevc)."""
+    if not output:
+        return _default_base(input_path)
+    p = Path(output)
+    return str(p.with_suffix("")) if p.suffix.lower() in (".hevc", ".nlf") else output
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     from .pipeline import encode
 
     config = _encoder_config(args)
-    base = args.output or _default_base(args.input)
+    base = _output_base(args.output, args.input)
     progress = ProgressPrinter(enabled=not (args.json or args.quiet))
     try:
         report = encode(args.input, base, config, size=args.size, fps=args.fps, bitdepth=args.bitdepth,
@@ -321,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode INPUT with an HEVC backend, train the filter per segment, and "
                                    "write BASE.hevc and BASE.nlf (the side stream).")
     p.add_argument("input", help="raw .yuv (Name_WxH_fps.yuv), .y4m, or - (Y4M on stdin)")
-    p.add_argument("-o", "--output", metavar="BASE", help="output base name (default: input name)")
+    p.add_argument("-o", "--output", metavar="BASE",
+                   help="output base name; a trailing .hevc or .nlf is dropped (default: input name)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
     p.add_argument("--per-frame", action="store_true", help="include per-frame figures and candidates in --json")
     p.add_argument("--embed", action="store_true",

@@ -147,9 +147,11 @@ def test_stdin_y4m_encode(make_clip, tmp_path, monkeypatch):
         w.write(f)
     buf.seek(0)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(buf))
-    rc = main(["encode", "-", "-o", str(tmp_path / "p"), "--qp", "40", "--iterations", "3", "--batch", "4",
+    # -o naming the stream (p.hevc) gives the base p: p.hevc and p.nlf, not p.hevc.hevc
+    rc = main(["encode", "-", "-o", str(tmp_path / "p.hevc"), "--qp", "40", "--iterations", "3", "--batch", "4",
                "--patch", "16", "-q"])
     assert rc == 0 and (tmp_path / "p.hevc").stat().st_size > 0
+    assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith("p.")) == ["p.hevc", "p.nlf"]
 
 
 # ------------------------------------------------------------------------------------- bad input
