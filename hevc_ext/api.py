@@ -223,13 +223,17 @@ class Encoder:
                                            c.coding.mode, c.arch_y, c.arch_uv, c.hash_type,
                                            picture_crc(self._recon[0].planes))
             seg = Segment(s, start, end - start)
+            # the GoPs after this one, for the low-delay credit of a network's later reuse: those left when
+            # the end is known, else as many as the credit looks ahead (a stream is taken to go on)
+            later = (tuple(min(self._size, self._total - b) for b in range(end, self._total, self._size))
+                     if self._total is not None else (self._size,) * self.config.reuse_horizon)
             units = []
             for group in (Group.Y, Group.UV):
                 # mean bits per picture of everything coded so far (the whole sequence is not known yet)
                 bits_per_frame = sum(self._frame_bits.values()) / max(1, len(self._frame_bits))
                 decision, rec = _encode_group(self._src, self._recon, seg, group, self.fmt, self.config, self._tcfg,
                                               self._kernel, bits_per_frame, self._states[group], self._low_delay,
-                                              self._progress, "?")  # type: ignore[arg-type]
+                                              self._progress, "?", later)  # type: ignore[arg-type]
                 units.append(frame_unit(UNIT_RECORD, record_payload(rec, self.config.hash_type, self._refs[group])))
                 if rec.type in (RecordType.NEW, RecordType.NEW_DIFF):
                     self._refs[group] = rec.network

@@ -112,6 +112,12 @@ def _add_filter_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-filter", action="store_true", help="encode only: every record 'off' (anchor runs)")
     g.add_argument("--lambda-scale", type=float, default=1.0,
                    help="price of side bits in the encoder's decisions relative to BD-consistent (default 1)")
+    g.add_argument("--reuse-decay", type=float, default=None, metavar="R",
+                   help="low delay: credit a group's first network with the expected worth of reusing it in "
+                        "later GoPs, its gain decaying by R per GoP (0: greedy, each GoP pays for itself; default: "
+                        f"{EncoderConfig.reuse_decay})")
+    g.add_argument("--reuse-horizon", type=_nonneg_int, default=None, metavar="N",
+                   help=f"low delay: ... over at most N later GoPs (default: {EncoderConfig.reuse_horizon})")
     g.add_argument("--rd-slope", type=float, default=None, metavar="DB",
                    help="the backend's RD slope in dB per doubling of the rate, which converts PSNR gains "
                         f"into bits for the decisions (default: {EncoderConfig.rd_slope_db})")
@@ -165,6 +171,8 @@ def _encoder_config(args: argparse.Namespace) -> Any:
         train=tcfg, quant_candidates=quant, hash_type=HashType[args.hash.upper()], kernel=args.kernel,
         lambda_scale=args.lambda_scale, filter_enabled=not args.no_filter,
         **({"rd_slope_db": args.rd_slope} if args.rd_slope is not None else {}),
+        **({"reuse_decay": args.reuse_decay} if args.reuse_decay is not None else {}),
+        **({"reuse_horizon": args.reuse_horizon} if args.reuse_horizon is not None else {}),
         keep_tmp=args.keep_tmp,
         embed=getattr(args, "embed", False))
 

@@ -132,7 +132,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         iterations=args.iterations, finetune_iterations=args.finetune_iterations, batch=args.batch,
         patch=args.patch, lr=args.lr, seed=args.seed,
         weight_bits=args.weight_bits, hash=args.hash, lambda_scale=args.lambda_scale,
-        rd_slope=args.rd_slope, filter_enabled=not args.no_filter)
+        rd_slope=args.rd_slope, reuse_decay=args.reuse_decay, reuse_horizon=args.reuse_horizon,
+        filter_enabled=not args.no_filter)
     specs, notes = ev.plan_jobs(seqs, modes, qps, settings, frames=args.frames, kernel=args.kernel,
                                 threads=args.threads, measure_decode=not args.no_decode_timing,
                                 decode_repeats=args.decode_repeats)

@@ -76,7 +76,7 @@ _CLASS_ORDER = ("A", "B", "C", "D", "E", "F")
 
 # =========================================================================================== job specs
 #: Settings added after SPEC_VERSION 1 whose unset value (None) means what the encoder did before.
-_LATER_SETTINGS = ("finetune_iterations", "rd_slope")
+_LATER_SETTINGS = ("finetune_iterations", "rd_slope", "reuse_decay", "reuse_horizon")
 #: Training defaults (TrainConfig's; repeated here so that planning needs no torch) and the cost of one
 #: training step in samples, for scheduling and the ETA.
 DEFAULT_ITERATIONS = 600
@@ -106,6 +106,8 @@ class EvalSettings:
     hash: str = "md5"
     lambda_scale: float = 1.0
     rd_slope: float | None = None  # None: EncoderConfig's default
+    reuse_decay: float | None = None  # low delay credit for later reuse; None: EncoderConfig's default
+    reuse_horizon: int | None = None
     filter_enabled: bool = True
 
     @classmethod
@@ -286,7 +288,9 @@ def encoder_config(spec: JobSpec) -> Any:
         packing=parse_packing(s.pack), packing_uv=parse_packing(s.pack_uv) if s.pack_uv else None,
         train=TrainConfig(**train_kw), quant_candidates=quant, hash_type=hash_type, kernel=spec.kernel,
         lambda_scale=s.lambda_scale, filter_enabled=s.filter_enabled,
-        **({"rd_slope_db": s.rd_slope} if s.rd_slope is not None else {}))
+        **({"rd_slope_db": s.rd_slope} if s.rd_slope is not None else {}),
+        **({"reuse_decay": s.reuse_decay} if s.reuse_decay is not None else {}),
+        **({"reuse_horizon": s.reuse_horizon} if s.reuse_horizon is not None else {}))
 
 
 def _time_decodes(hevc: Path, side: Path, workdir: Path, kernel: str, repeats: int) -> dict[str, Any]:

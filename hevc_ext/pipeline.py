@@ -102,6 +102,11 @@ class EncoderConfig:
     lambda_scale: float = 1.0  # multiplies the price of side bits in the decisions (1: BD-consistent)
     rd_slope_db: float = 4.5  # the backend's RD slope, dB per doubling of the rate (see bits_per_relative_sse)
     reuse_factor: float = 1.1  # low delay: new parameters only if their gain exceeds 110 % of reuse
+    # low delay: a group's first network is credited with what reusing it in the following segments is
+    # expected to be worth, its gain per picture decaying by this factor per segment (0: greedy, each
+    # segment's decision pays for itself; see reference_credit)
+    reuse_decay: float = 0.0
+    reuse_horizon: int = 8  # ... over at most this many following segments
     filter_enabled: bool = True
     keep_tmp: bool = False
     embed: bool = False  # side stream as SEI NAL units inside BASE.hevc instead of BASE.nlf (docs/sei.md)
@@ -114,6 +119,10 @@ class EncoderConfig:
             raise UsageError(f"RD slope must be positive (dB per doubling of the rate), got {self.rd_slope_db}")
         if not self.reuse_factor >= 1:
             raise UsageError(f"reuse factor must be >= 1, got {self.reuse_factor}")
+        if not 0 <= self.reuse_decay < 1:
+            raise UsageError(f"reuse decay must be in [0, 1), got {self.reuse_decay}")
+        if self.reuse_horizon < 0:
+            raise UsageError(f"reuse horizon must be >= 0, got {self.reuse_horizon}")
 
     def arch(self, group: Group) -> Architecture:
         return self.arch_y if group is Group.Y else self.arch_uv
@@ -239,6 +248,23 @@ class _GroupState:
         self.reference_train: Any = None
 
 
+def reference_credit(gain_bits_per_picture: float, reuse_bits: float, later_frames: tuple[int, ...],
+                     decay: float, horizon: int) -> float:
+    """What a low-delay reference network is expected to be worth in the segments after this one, in bits.
+
+    Segment ``j`` (1-based) after this one would reuse the network if that pays: its gain there is
+    taken as ``decay**j`` times its gain per picture here (``gain_bits_per_picture``, already priced in
+    bits) times the segment's pictures, against the REUSE record's ``reuse_bits``. Summed over at most
+    ``horizon`` segments (those that exist: ``later_frames``). The greedy decision (``decay`` = 0)
+    credits nothing, so a network must repay its bits within its own segment; with a credit, one that
+    almost does can be signalled for the cheap reuse it allows afterwards."""
+    total, factor = 0.0, 1.0
+    for frames in later_frames[:horizon]:
+        factor *= decay
+        total += max(0.0, factor * gain_bits_per_picture * frames - reuse_bits)
+    return total
+
+
 def _record_bytes(rec: Record, hash_type: HashType, ref: QuantizedNetwork | None) -> int:
     # unit framing: kind (1) + size (2) + payload + crc16 (2)
     return 5 + len(record_payload(rec, hash_type, ref))
@@ -306,11 +332,12 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
         low_delay = coding.mode in ("ldb", "ldp")
         train_seconds = 0.0
         bits_per_frame = sum(result.frame_bits) / n
-        for seg in segments:
+        for k, seg in enumerate(segments):
             decisions[seg.index] = {}
+            later = tuple(s.count for s in segments[k + 1:])  # for the low-delay credit of later reuse
             for group in (Group.Y, Group.UV):
                 dec, rec = _encode_group(src, recon, seg, group, fmt, config, tcfg, kernel, bits_per_frame,
-                                         states[group], low_delay, progress, len(segments))
+                                         states[group], low_delay, progress, len(segments), later)
                 records.append(rec)
                 decisions[seg.index][group] = dec
                 train_seconds += dec.train_seconds
@@ -342,7 +369,8 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
 
 def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Group, fmt: VideoFormat,
                   config: EncoderConfig, tcfg: Any, kernel: Any, bits_per_frame: float, state: _GroupState,
-                  low_delay: bool, progress: ProgressFn | None, n_segments: int) -> tuple[GroupDecision, Record]:
+                  low_delay: bool, progress: ProgressFn | None, n_segments: int,
+                  later_frames: tuple[int, ...] = ()) -> tuple[GroupDecision, Record]:
     from .train import SegmentData, train
 
     measure = _Measure(src, recon, seg, group, fmt.bitdepth, config.hash_type, kernel)
@@ -420,15 +448,33 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
         return sum((b[p] - a[p]) / b[p] for b, a in zip(measure.before, c.sse) for p in range(group.planes)
                    if b[p] > 0) / group.planes
 
+    reuse = next((c for c in cands if c.rtype is RecordType.REUSE), None)
+    # only for a group's first network: once there is a reference, refreshing it is decided greedily (with
+    # the 110 % rule); crediting fresh networks against a stale reference made the encoder refresh every
+    # GoP on credit that later refreshes never let it collect (docs/results.md)
+    credit_on = (low_delay and not free_bits and config.reuse_decay > 0 and config.reuse_horizon > 0
+                 and bool(later_frames) and state.reference is None)
+    if credit_on:  # the price of a REUSE record in a later segment (its header grows by a bit or two; ignored)
+        reuse_bits = 8 * _record_bytes(Record(RecordType.REUSE, output_hash=bytes(hash_type.size), **base),
+                                       hash_type, None)
+
+    def credit(c: _Candidate) -> float:
+        """Low delay, a group's first network: what ``c``'s network (if it is one) is expected to be worth
+        in the following segments."""
+        if not credit_on or c.rtype is not RecordType.NEW:
+            return 0.0
+        return reference_credit(worth * gain_of(c) / seg.count, reuse_bits, later_frames,
+                                config.reuse_decay, config.reuse_horizon)
+
     def cost(c: _Candidate) -> float:
-        """Side bits minus what the SSE reduction is worth in bits (mean over the group's planes)."""
+        """Side bits minus what the SSE reduction is worth in bits (mean over the group's planes), minus
+        (low delay, ``reuse_decay`` > 0) the expected worth of the reference it leaves."""
         gain = gain_of(c)
         if free_bits:
             return -gain + 1e-12 * c.payload_bytes
-        return 8 * c.payload_bytes - worth * gain
+        return 8 * c.payload_bytes - worth * gain - credit(c)
 
     allowed = list(cands)
-    reuse = next((c for c in cands if c.rtype is RecordType.REUSE), None)
     if reuse is not None:
         gain_reuse = before - reuse.total_sse
         if gain_reuse > 0:  # paper §4.3: new parameters only if their gain exceeds 110 % of reuse
@@ -447,7 +493,8 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
          "scale_bits": best.network.config.scale_bits} if best.network else None,
         best.payload_bytes, [sum(f) for f in measure.before], [sum(f) for f in best.sse],
         [{"label": c.label, "bytes": c.payload_bytes, "sse": c.total_sse, "gain": gain_of(c),
-          "cost": round(cost(c), 1), "allowed": c in allowed} for c in cands], train_seconds)
+          "cost": round(cost(c), 1), "credit": round(credit(c), 1), "allowed": c in allowed} for c in cands],
+        train_seconds)
     decision.per_plane_after = best.sse  # type: ignore[attr-defined]
     decision.per_plane_before = measure.before  # type: ignore[attr-defined]
     log.info("%s: %s (%d bytes; SSE %d → %d)", label, best.label, best.payload_bytes, before, best.total_sse)

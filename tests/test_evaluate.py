@@ -63,7 +63,7 @@ def test_settings_added_later_keep_earlier_caches_valid():
     d = s.to_dict()
     for name in ev.EXECUTION_FIELDS:
         d.pop(name)
-    for name in ("finetune_iterations", "rd_slope"):
+    for name in ("finetune_iterations", "rd_slope", "reuse_decay", "reuse_horizon"):
         d["settings"].pop(name)
     d["spec_version"] = ev.SPEC_VERSION
     text = json.dumps(d, sort_keys=True, separators=(",", ":"))
@@ -75,10 +75,13 @@ def test_filter_settings_reach_the_encoder():
     from hevc_ext.pipeline import EncoderConfig
     from hevc_ext.train import TrainConfig
 
-    cfg = ev.encoder_config(spec(settings=ev.EvalSettings(iterations=7, finetune_iterations=3, rd_slope=3.5)))
+    cfg = ev.encoder_config(spec(settings=ev.EvalSettings(iterations=7, finetune_iterations=3, rd_slope=3.5,
+                                                          reuse_decay=0.6, reuse_horizon=3)))
     assert (cfg.train.iterations, cfg.train.finetune_iterations, cfg.rd_slope_db) == (7, 3, 3.5)
+    assert (cfg.reuse_decay, cfg.reuse_horizon) == (0.6, 3)
     cfg = ev.encoder_config(spec(settings=ev.EvalSettings()))
     assert cfg.rd_slope_db == EncoderConfig().rd_slope_db
+    assert (cfg.reuse_decay, cfg.reuse_horizon) == (EncoderConfig().reuse_decay, EncoderConfig().reuse_horizon)
     # the planner's copies of the training defaults (it runs without torch) are the trainer's
     assert (ev.DEFAULT_ITERATIONS, ev.DEFAULT_FINETUNE_ITERATIONS) == (TrainConfig().iterations,
                                                                         TrainConfig().finetune_iterations)

@@ -17,7 +17,7 @@ from hevc_ext.errors import MismatchError, SideStreamError
 from hevc_ext.hevcdec import decode_frames
 from hevc_ext.kernels import get_kernel
 from hevc_ext.metrics import PsnrAccumulator
-from hevc_ext.pipeline import EncoderConfig, FrameFilter, decode, encode, read_side_stream
+from hevc_ext.pipeline import EncoderConfig, FrameFilter, decode, encode, read_side_stream, reference_credit
 from hevc_ext.sidecar import RecordType, SideStream
 from hevc_ext.train import TrainConfig
 from hevc_ext.yuv import open_video
@@ -104,6 +104,71 @@ def test_encode_decode_reproduces_measurement(make_clip, tmp_path, mode):
     got_plain = _psnr(src, open_video(str(plain), size="64x64", fps=30))
     for k in "yuv":
         assert got_plain[k] == pytest.approx(rep["psnr_before"][k], abs=1e-9)
+
+
+def test_reference_credit_by_hand():
+    # 1000 bits of gain per picture now; three later segments of 4 pictures; a REUSE record costs 100
+    # bits: 0.5·4000 − 100 + 0.25·4000 − 100 + 0.125·4000 − 100 = 3200
+    assert reference_credit(1000.0, 100.0, (4, 4, 4), 0.5, 8) == pytest.approx(3200.0)
+    assert reference_credit(1000.0, 100.0, (4, 4, 4), 0.5, 2) == pytest.approx(2800.0)  # horizon
+    assert reference_credit(1000.0, 100.0, (4, 2), 0.5, 8) == pytest.approx(1900.0 + 400.0)  # shorter segment
+    # a later segment reuses the network only where that pays: 2000 − 1500, then nothing
+    assert reference_credit(1000.0, 1500.0, (4, 4, 4), 0.5, 8) == pytest.approx(500.0)
+    assert reference_credit(1000.0, 100.0, (4, 4, 4), 0.0, 8) == 0.0  # greedy
+    assert reference_credit(1000.0, 100.0, (), 0.5, 8) == 0.0  # the last segment
+    assert reference_credit(-5.0, 100.0, (4, 4), 0.5, 8) == 0.0  # a network that hurts is worth nothing
+
+
+def test_low_delay_decisions_credit_later_reuse(make_clip):
+    """With ``reuse_decay`` > 0 a low-delay decision on a group's first network charges each candidate its
+    bits, minus what its SSE reduction is worth, minus what reusing it in the later GoPs is expected to be
+    worth (reference_credit); once the group has a network, decisions are greedy again. The report shows
+    the credit per candidate."""
+    # a still picture, so that a network stays useful in later GoPs
+    clip = make_clip(n=1, width=64, height=64)
+    clip.write_bytes(clip.read_bytes() * 8)
+    decay = 0.8
+    rep = encode(str(clip), None, _config("ldp", reuse_decay=decay)).data
+    segs = rep["segments"]
+    assert len(segs) == 4
+    later = tuple(s["frames"] for s in segs[1:])
+    span = sum(decay ** j * f for j, f in enumerate(later, 1))
+    for group in ("y", "uv"):
+        first = segs[0]["groups"][group]
+        assert first["decision"] == "new"  # the still picture makes the first network pay
+        off = next(c for c in first["candidates"] if c["label"] == "off")
+        assert off["credit"] == 0  # no network to reuse
+        reuse_bits = []
+        for c in first["candidates"]:
+            if not c["label"].startswith("new") or c["gain"] <= 0:
+                assert c["credit"] == 0
+                continue
+            # cost = 8·bytes − w·gain − credit, and (every later GoP reusing it pays at this tiny λ)
+            # credit = (w·gain / pictures)·Σ decay^j·pictures_j − (later GoPs)·(bits of a REUSE record)
+            w = (8 * c["bytes"] - c["cost"] - c["credit"]) / c["gain"]
+            reuse_bits.append((w * c["gain"] / segs[0]["frames"] * span - c["credit"]) / len(later))
+        # one price of a REUSE record for every candidate: that of a real one (5 bytes of framing, the
+        # record header, the 16-byte MD5)
+        assert reuse_bits and max(reuse_bits) - min(reuse_bits) < 1.0
+        assert 8 * 22 <= reuse_bits[0] <= 8 * 26
+        # afterwards the group has a network: refreshing it is decided without credit
+        for seg in segs[1:]:
+            assert all(c["credit"] == 0 for c in seg["groups"][group]["candidates"])
+
+
+def test_reuse_credit_options(make_clip, tmp_path, capsys):
+    from hevc_ext.cli import _encoder_config, build_parser
+
+    args = build_parser().parse_args(["encode", "x.yuv", "--mode", "ldp", "--reuse-decay", "0.5",
+                                      "--reuse-horizon", "3"])
+    cfg = _encoder_config(args)
+    assert (cfg.reuse_decay, cfg.reuse_horizon) == (0.5, 3)
+    cfg = _encoder_config(build_parser().parse_args(["encode", "x.yuv"]))
+    assert (cfg.reuse_decay, cfg.reuse_horizon) == (EncoderConfig().reuse_decay, EncoderConfig().reuse_horizon)
+    clip = make_clip(n=2)
+    assert main(["encode", str(clip), "--mode", "ldp", "--reuse-decay", "1.5", "-o", str(tmp_path / "o")]) != 0
+    assert "reuse decay must be in [0, 1), got 1.5" in capsys.readouterr().err
+    assert list(tmp_path.glob("o.*")) == []
 
 
 def test_ten_bit_roundtrip(make_clip, tmp_path):

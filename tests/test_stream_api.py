@@ -91,6 +91,29 @@ def test_encoder_decoder_end_to_end(tmp_path):
         np.concatenate([p.reshape(-1) for p in f.planes]).tobytes() for f in out)
 
 
+def test_streaming_low_delay_credit_of_later_reuse():
+    """The streaming encoder credits later reuse too (reuse_decay > 0): while the stream goes on it
+    takes as many GoPs as the credit looks ahead; the GoP decided at the end has nothing after it."""
+    from hevc_ext import Encoder
+    from hevc_ext.train import TrainConfig
+
+    cfg = fast_config(coding=CodingConfig("ldp", 32, extra=("rc-lookahead=0", "frame-threads=1")), ld_gop=2,
+                      lambda_scale=1e-3, reuse_decay=0.8, train=TrainConfig(iterations=20, batch=4, patch=16))
+    enc = Encoder(FMT, cfg)
+    still = synthetic_frames(1)[0]
+    for _ in range(7):
+        enc.push(still)
+    enc.flush()
+    by_seg = {}
+    for rec, dec in zip(enc.records, enc.decisions):
+        by_seg.setdefault(rec.segment, []).append(dec)
+    assert sorted(by_seg) == [0, 1, 2, 3]
+    first = [c for d in by_seg[0] for c in d.candidates if c["label"].startswith("new")]
+    assert any(c["gain"] > 0 for c in first)
+    assert all((c["credit"] > 0) == (c["gain"] > 0) for c in first)
+    assert all(c["credit"] == 0 for d in by_seg[3] for c in d.candidates)
+
+
 def test_low_delay_packets_leave_one_gop_after_their_pictures():
     """x265 without lookahead gives one packet per frame; a packet waits only for its GoP's records."""
     from hevc_ext import Decoder, Encoder
