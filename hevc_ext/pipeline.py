@@ -448,7 +448,6 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
         return sum((b[p] - a[p]) / b[p] for b, a in zip(measure.before, c.sse) for p in range(group.planes)
                    if b[p] > 0) / group.planes
 
-    reuse = next((c for c in cands if c.rtype is RecordType.REUSE), None)
     # only for a group's first network: once there is a reference, refreshing it is decided greedily (with
     # the 110 % rule); crediting fresh networks against a stale reference made the encoder refresh every
     # GoP on credit that later refreshes never let it collect (docs/results.md)
@@ -468,13 +467,15 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
 
     def cost(c: _Candidate) -> float:
         """Side bits minus what the SSE reduction is worth in bits (mean over the group's planes), minus
-        (low delay, ``reuse_decay`` > 0) the expected worth of the reference it leaves."""
+        (low delay, ``reuse_decay`` > 0, a group's first network) what reusing it later is expected to be
+        worth."""
         gain = gain_of(c)
         if free_bits:
             return -gain + 1e-12 * c.payload_bytes
         return 8 * c.payload_bytes - worth * gain - credit(c)
 
     allowed = list(cands)
+    reuse = next((c for c in cands if c.rtype is RecordType.REUSE), None)
     if reuse is not None:
         gain_reuse = before - reuse.total_sse
         if gain_reuse > 0:  # paper §4.3: new parameters only if their gain exceeds 110 % of reuse
