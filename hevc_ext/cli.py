@@ -143,7 +143,7 @@ def _add_coding_options(p: argparse.ArgumentParser) -> None:
 def _encoder_config(args: argparse.Namespace) -> Any:
     from .arch import Architecture
     from .backends import CodingConfig
-    from .pipeline import DEFAULT_QUANT_CANDIDATES, EncoderConfig, parse_packing
+    from .pipeline import DEFAULT_QUANT_CANDIDATES, EncoderConfig, given, parse_packing
     from .quant import QuantConfig
     from .sidecar import HashType
 
@@ -170,9 +170,7 @@ def _encoder_config(args: argparse.Namespace) -> Any:
         packing=parse_packing(args.pack), packing_uv=parse_packing(args.pack_uv) if args.pack_uv else None,
         train=tcfg, quant_candidates=quant, hash_type=HashType[args.hash.upper()], kernel=args.kernel,
         lambda_scale=args.lambda_scale, filter_enabled=not args.no_filter,
-        **({"rd_slope_db": args.rd_slope} if args.rd_slope is not None else {}),
-        **({"reuse_decay": args.reuse_decay} if args.reuse_decay is not None else {}),
-        **({"reuse_horizon": args.reuse_horizon} if args.reuse_horizon is not None else {}),
+        **given(rd_slope_db=args.rd_slope, reuse_decay=args.reuse_decay, reuse_horizon=args.reuse_horizon),
         keep_tmp=args.keep_tmp,
         embed=getattr(args, "embed", False))
 

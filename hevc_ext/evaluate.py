@@ -259,7 +259,7 @@ def encoder_config(spec: JobSpec) -> Any:
     """The :class:`hevc_ext.pipeline.EncoderConfig` of a job (as ``hevc-nlf encode`` would build it)."""
     from .arch import Architecture
     from .backends import CodingConfig
-    from .pipeline import DEFAULT_QUANT_CANDIDATES, EncoderConfig, parse_packing
+    from .pipeline import DEFAULT_QUANT_CANDIDATES, EncoderConfig, given, parse_packing
     from .quant import QuantConfig
     from .sidecar import HashType
     from .train import TrainConfig
@@ -288,9 +288,7 @@ def encoder_config(spec: JobSpec) -> Any:
         packing=parse_packing(s.pack), packing_uv=parse_packing(s.pack_uv) if s.pack_uv else None,
         train=TrainConfig(**train_kw), quant_candidates=quant, hash_type=hash_type, kernel=spec.kernel,
         lambda_scale=s.lambda_scale, filter_enabled=s.filter_enabled,
-        **({"rd_slope_db": s.rd_slope} if s.rd_slope is not None else {}),
-        **({"reuse_decay": s.reuse_decay} if s.reuse_decay is not None else {}),
-        **({"reuse_horizon": s.reuse_horizon} if s.reuse_horizon is not None else {}))
+        **given(rd_slope_db=s.rd_slope, reuse_decay=s.reuse_decay, reuse_horizon=s.reuse_horizon))
 
 
 def _time_decodes(hevc: Path, side: Path, workdir: Path, kernel: str, repeats: int) -> dict[str, Any]:

@@ -86,6 +86,12 @@ def bits_per_relative_sse(bits_per_frame: float, rd_slope_db: float) -> float:
     return 10.0 * math.log(2.0) / (rd_slope_db * math.log(10.0)) * bits_per_frame
 
 
+def given(**options: Any) -> dict[str, Any]:
+    """The options that are set (not None), for ``EncoderConfig(**given(...))``: an option left unset by
+    a command line or an eval spec takes EncoderConfig's default."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     coding: CodingConfig = CodingConfig()
