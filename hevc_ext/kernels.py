@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -268,6 +269,74 @@ class CpuKernel:
 
 
 _TORCH_DTYPES = {"torch.uint8": np.dtype(np.uint8), "torch.uint16": np.dtype(np.uint16)}
+_torch_dtype_cache: dict[object, np.dtype | None] = {}  # torch dtype object -> numpy dtype (None: refused)
+_SAMPLE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+
+# one GPU plane as CudaKernel.filter_device reads it:
+# (pointer, height, width, dtype, row stride in samples, PyTorch device index or None, CAI stream or None)
+_GpuPlane = tuple[int, int, int, np.dtype, int, "int | None", "int | None"]
+
+
+def _plane_name(output: bool, g: int) -> str:
+    return f"{'output' if output else 'input'} plane {g}"
+
+
+def _gpu_plane(a: object, output: bool, g: int) -> _GpuPlane:
+    """Check one plane of :meth:`CudaKernel.filter_device` and read what the C call needs. PyTorch
+    tensors are read directly: building their ``__cuda_array_interface__`` costs more than the kernel
+    launch for small pictures."""
+    t: Any = a
+    if getattr(t, "is_cuda", False) and type(t).__module__.startswith("torch"):
+        dtype = _torch_dtype_cache.get(t.dtype, False)
+        if dtype is False:
+            dtype = _torch_dtype_cache.setdefault(t.dtype, _TORCH_DTYPES.get(str(t.dtype)))
+        if t.dim() != 2 or dtype is None:
+            raise UsageError(f"{_plane_name(output, g)}: a 2-D uint8/uint16 array expected, "
+                             f"got shape {tuple(t.shape)} {t.dtype}")
+        (h, w), (s0, s1) = t.shape, t.stride()
+        if s1 != 1:
+            raise UsageError(f"{_plane_name(output, g)}: rows must be contiguous "
+                             f"(strides {tuple(t.stride())} in samples)")
+        if output and t.requires_grad:
+            raise UsageError(f"{_plane_name(output, g)}: a tensor that requires grad cannot be written")
+        return int(t.data_ptr()), int(h), int(w), dtype, int(s0), int(t.get_device()), None
+    try:
+        cai = t.__cuda_array_interface__
+    except AttributeError:
+        raise UsageError(f"{_plane_name(output, g)}: a GPU array (__cuda_array_interface__) expected, "
+                         f"got {type(a).__name__}") from None
+    shape, dtype = tuple(cai["shape"]), np.dtype(cai["typestr"])
+    if len(shape) != 2 or dtype not in _SAMPLE_DTYPES:
+        raise UsageError(f"{_plane_name(output, g)}: a 2-D uint8/uint16 array expected, got shape {shape} {dtype}")
+    strides = cai.get("strides") or (shape[1] * dtype.itemsize, dtype.itemsize)
+    if strides[1] != dtype.itemsize or strides[0] % dtype.itemsize:
+        raise UsageError(f"{_plane_name(output, g)}: rows must be contiguous (strides {strides})")
+    ptr, readonly = int(cai["data"][0]), bool(cai["data"][1])
+    if output and readonly:
+        raise UsageError(f"{_plane_name(output, g)}: read-only")
+    return ptr, int(shape[0]), int(shape[1]), dtype, int(strides[0]) // dtype.itemsize, None, cai.get("stream")
+
+
+def _stream_handle(stream: object, torch_device: int | None, cai_stream: int | None) -> int:
+    """The cudaStream_t (as an int; 0 the legacy default stream) for :meth:`CudaKernel.filter_device`."""
+    if torch_device is not None:
+        import torch  # a CUDA tensor was passed: torch is loaded
+
+        if torch_device != torch.cuda.current_device():
+            raise UsageError(f"the planes are on CUDA device {torch_device}, the current device is "
+                             f"{torch.cuda.current_device()} (use torch.cuda.device({torch_device}))")
+        if stream is None:
+            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            return int(raw(torch_device)) if raw else int(torch.cuda.current_stream(torch_device).cuda_stream)
+    if stream is None:
+        return int(cai_stream or 0)
+    for attr in ("cuda_stream", "ptr"):
+        if hasattr(stream, attr):
+            return int(getattr(stream, attr))
+    if isinstance(stream, int) and stream >= 0:
+        return stream
+    raise UsageError(f"stream: a cudaStream_t handle (int), torch.cuda.Stream or cupy.cuda.Stream expected, "
+                     f"got {type(stream).__name__}")
 
 
 class CudaKernel:
@@ -303,55 +372,40 @@ class CudaKernel:
             raise _native_error(self._lib, self.name, rc)
         return outs
 
-    def filter_device(self, planes: Sequence[object], outs: Sequence[object], net: IntNetwork, bitdepth: int) -> None:
+    def filter_device(self, planes: Sequence[object], outs: Sequence[object], net: IntNetwork, bitdepth: int,
+                      *, stream: object = None) -> None:
         """Filter planes that are already on the GPU into ``outs`` (no host copies): any objects with
         ``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors), 2-D, uint8 (8-bit) or uint16,
-        row-contiguous, all of one shape. Raises KernelError where the C++ path would fall back."""
-        def view(a: object, what: str) -> tuple[int, tuple[int, int], np.dtype, int]:
-            if type(a).__module__.startswith("torch") and getattr(a, "is_cuda", False):
-                # PyTorch tensors read directly: building their __cuda_array_interface__ costs more than
-                # the kernel launch for small pictures
-                t: Any = a
-                ptr, shape, label = int(t.data_ptr()), tuple(t.shape), str(t.dtype)
-                dtype = _TORCH_DTYPES.get(label)
-                strides = tuple(st * t.element_size() for st in t.stride())
-                readonly = bool(t.requires_grad)
-            else:
-                try:
-                    cai = a.__cuda_array_interface__  # type: ignore[attr-defined]
-                except AttributeError:
-                    raise UsageError(f"{what}: a GPU array (__cuda_array_interface__) expected, "
-                                     f"got {type(a).__name__}") from None
-                shape, dtype = tuple(cai["shape"]), np.dtype(cai["typestr"])
-                label = str(dtype)
-                ptr, readonly = int(cai["data"][0]), bool(cai["data"][1])
-                strides = cai.get("strides") or ((shape[1] * dtype.itemsize, dtype.itemsize) if len(shape) == 2 else ())
-            if len(shape) != 2 or dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
-                raise UsageError(f"{what}: a 2-D uint8/uint16 array expected, got shape {shape} {label}")
-            assert dtype is not None
-            if strides[1] != dtype.itemsize or strides[0] % dtype.itemsize:
-                raise UsageError(f"{what}: rows must be contiguous (strides {strides})")
-            if what.startswith("output") and readonly:
-                raise UsageError(f"{what}: read-only (or a tensor that requires grad)")
-            return ptr, (int(shape[0]), int(shape[1])), dtype, int(strides[0]) // dtype.itemsize
+        row-contiguous, all of one shape, on the current CUDA device. Raises KernelError where the C++
+        path would fall back.
 
+        The work is ordered on ``stream``: a ``cudaStream_t`` handle (int), or an object with
+        ``cuda_stream`` (``torch.cuda.Stream``) or ``ptr`` (``cupy.cuda.Stream``). By default it is
+        PyTorch's current stream for tensors, else the stream the input's ``__cuda_array_interface__``
+        names, else the legacy default stream. Like a kernel launch, the call is asynchronous where
+        nothing has to be checked after the kernel: with the fast kernel (the networks the encoder
+        signals) on 8-bit samples it returns once the work is queued, and ``outs`` are ready for the
+        next work on that stream or after a synchronisation. Calls on samples of more than 8 bits (the
+        kernel reports samples outside the bit depth, raised here as KernelError) and calls that take
+        the generic kernel wait for the kernel."""
         n = net.group.planes
         if len(planes) != n or len(outs) != n:
             raise UsageError(f"the network filters {n} plane(s); got {len(planes)} in, {len(outs)} out")
-        ins = [view(a, f"input plane {g}") for g, a in enumerate(planes)]
-        res = [view(a, f"output plane {g}") for g, a in enumerate(outs)]
-        if len({(v[1], v[2]) for v in ins + res}) != 1:
+        views = [_gpu_plane(a, False, g) for g, a in enumerate(planes)]
+        views += [_gpu_plane(a, True, g) for g, a in enumerate(outs)]
+        ptr, h, w, dtype, _, torch_device, cai_stream = views[0]
+        if any(v[1:4] != (h, w, dtype) for v in views):
             raise UsageError("all planes (in and out) must have one shape and sample type")
-        shape, dtype = ins[0][1], ins[0][2]
         if (dtype == np.uint8) != (bitdepth == 8):
             raise UsageError(f"bit depth {bitdepth} needs {'uint8' if bitdepth == 8 else 'uint16'} samples")
+        handle = _stream_handle(stream, torch_device, cai_stream)
         pl = _Planes()
-        pl.height, pl.width = shape
+        pl.height, pl.width = h, w
         pl.bitdepth, pl.sample_bytes, pl.memory = int(bitdepth), dtype.itemsize, _MEMORY_DEVICE
-        for g, (i, o) in enumerate(zip(ins, res)):
-            pl.src[g], pl.src_stride[g] = i[0], i[3]
-            pl.dst[g], pl.dst_stride[g] = o[0], o[3]
-        rc = self._lib.nlf_cuda_filter(ctypes.byref(_native_net(net).struct), ctypes.byref(pl))
+        for g in range(n):
+            pl.src[g], pl.src_stride[g] = views[g][0], views[g][4]
+            pl.dst[g], pl.dst_stride[g] = views[n + g][0], views[n + g][4]
+        rc = self._lib.nlf_cuda_filter_stream(ctypes.byref(_native_net(net).struct), ctypes.byref(pl), handle)
         if rc != 0:
             raise _native_error(self._lib, self.name, rc)
 
@@ -397,6 +451,8 @@ def _bind_cuda(lib: ctypes.CDLL) -> None:
     for fn in (lib.nlf_cuda_filter, lib.nlf_cuda_check_host, lib.nlf_cuda_kernel_path):
         fn.restype = ctypes.c_int32
         fn.argtypes = [ctypes.POINTER(_Network), ctypes.POINTER(_Planes)]
+    lib.nlf_cuda_filter_stream.restype = ctypes.c_int32
+    lib.nlf_cuda_filter_stream.argtypes = [ctypes.POINTER(_Network), ctypes.POINTER(_Planes), ctypes.c_void_p]
 
 
 def _prebuilt_cpu() -> Path | None:
@@ -442,12 +498,21 @@ def _cuda_library() -> tuple[ctypes.CDLL, Path]:
 
 def _load_cuda() -> tuple[ctypes.CDLL, Path]:
     prebuilt = prebuilt_library("_nlf_cuda", "HEVC_NLF_CUDA_LIB")  # built by pip install when nvcc exists
+    stale = ""
     if prebuilt is not None:
-        return _load(prebuilt, _bind_cuda), prebuilt
+        try:
+            return _load(prebuilt, _bind_cuda), prebuilt
+        except KernelError as exc:
+            if os.environ.get("HEVC_NLF_CUDA_LIB"):  # the user's choice: no silent substitute
+                raise
+            stale = f"prebuilt {prebuilt}: {exc}"  # an install older than the sources: build them
     nvcc = find_nvcc()
     if nvcc is None:
-        raise KernelError("CUDA kernel unavailable: nvcc not found (PATH, $CUDA_HOME, /usr/local/cuda) "
-                          "and no prebuilt library ($HEVC_NLF_CUDA_LIB)")
+        raise KernelError("CUDA kernel unavailable: " + (stale + "; " if stale else "") +
+                          "nvcc not found (PATH, $CUDA_HOME, /usr/local/cuda)" +
+                          ("" if stale else " and no prebuilt library ($HEVC_NLF_CUDA_LIB)"))
+    if stale:
+        log.info("CUDA kernel %s; using the cached build or building it now", stale)
     src = kernel_sources()
     if src is None:
         raise KernelError("CUDA kernel unavailable: kernel sources not found")

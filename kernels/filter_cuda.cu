@@ -817,7 +817,9 @@ static void set_geometry(Params& p, const nlf_planes* pl) {
     p.sample_bytes = pl->sample_bytes;
 }
 
-static int run(const nlf_network* net, const nlf_planes* pl) {
+// stream: where the work is ordered (host memory: always the legacy default stream); may_return_early:
+// return once the kernel is queued when nothing has to be read back after it (nlf_cuda_filter_stream).
+static int run(const nlf_network* net, const nlf_planes* pl, cudaStream_t stream = nullptr, bool may_return_early = false) {
     g_err[0] = 0;
     if (!net || !pl) return fail(NLF_ERR_ARG, "NULL argument");
     if (pl->height < 1 || pl->width < 1) return fail(NLF_ERR_ARG, "empty picture");
@@ -825,6 +827,8 @@ static int run(const nlf_network* net, const nlf_planes* pl) {
     if (pl->sample_bytes != 1 && pl->sample_bytes != 2) return fail(NLF_ERR_ARG, "sample_bytes must be 1 or 2");
     if (pl->sample_bytes == 1 && pl->bitdepth != 8) return fail(NLF_ERR_ARG, "8-bit samples need bit depth 8");
     if (pl->memory != NLF_MEMORY_HOST && pl->memory != NLF_MEMORY_DEVICE) return fail(NLF_ERR_ARG, "unknown memory kind");
+    if (pl->memory == NLF_MEMORY_HOST && (stream || may_return_early))
+        return fail(NLF_ERR_ARG, "streams and early return need device memory");
     HostPlan hp;
     int rc = build_plan(net, pl, hp);
     if (rc != NLF_OK) return rc;
@@ -868,11 +872,13 @@ static int run(const nlf_network* net, const nlf_planes* pl) {
     if ((rc = ensure(&dc.consts, &dc.consts_bytes, foff + 256)) != NLF_OK) return rc;
     char* cbase = static_cast<char*>(dc.consts);
     if (!use_fast) {  // the fast kernel takes its constants as launch parameters
-        if ((e = cudaMemcpy(cbase, hp.wts.data(), wbytes, cudaMemcpyHostToDevice)) != cudaSuccess) return cuda_fail(e, "cudaMemcpy");
-        if ((e = cudaMemcpy(cbase + coff, hp.chans.data(), cbytes, cudaMemcpyHostToDevice)) != cudaSuccess) return cuda_fail(e, "cudaMemcpy");
+        // on the kernel's stream (a pageable source is staged before the call returns); every earlier
+        // user of this buffer has finished: generic-kernel calls wait for their kernel
+        if ((e = cudaMemcpyAsync(cbase, hp.wts.data(), wbytes, cudaMemcpyHostToDevice, stream)) != cudaSuccess) return cuda_fail(e, "cudaMemcpy");
+        if ((e = cudaMemcpyAsync(cbase + coff, hp.chans.data(), cbytes, cudaMemcpyHostToDevice, stream)) != cudaSuccess) return cuda_fail(e, "cudaMemcpy");
     }
     const bool need_flag = !use_fast || pl->sample_bytes == 2;  // 8-bit samples cannot exceed the range
-    if (need_flag && (e = cudaMemsetAsync(cbase + foff, 0, sizeof(unsigned))) != cudaSuccess) return cuda_fail(e, "cudaMemset");
+    if (need_flag && (e = cudaMemsetAsync(cbase + foff, 0, sizeof(unsigned), stream)) != cudaSuccess) return cuda_fail(e, "cudaMemset");
     p.wts = reinterpret_cast<const int*>(cbase);
     p.chans = reinterpret_cast<const Chan*>(cbase + coff);
     p.range_flag = reinterpret_cast<unsigned*>(cbase + foff);
@@ -915,21 +921,26 @@ static int run(const nlf_network* net, const nlf_planes* pl) {
         e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return cuda_fail(e, "cudaFuncSetAttribute");
         dim3 grid((p.Wq + fast::TW - 1) / fast::TW, (p.Hq + fast::TH - 1) / fast::TH);
-        fn<<<grid, fast::NTF, smem>>>(fp);
+        fn<<<grid, fast::NTF, smem, stream>>>(fp);
     } else {
         KernelFn fn = pick_kernel(hp.cio, hp.maxc);
         e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  (int)hp.smem_bytes);
         if (e != cudaSuccess) return cuda_fail(e, "cudaFuncSetAttribute");
         dim3 grid((p.Wq + p.tw - 1) / p.tw, (p.Hq + p.th - 1) / p.th);
-        fn<<<grid, NT, hp.smem_bytes>>>(p);
+        fn<<<grid, NT, hp.smem_bytes, stream>>>(p);
     }
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_fail(e, "kernel launch");
+    // waiting: on the legacy default stream as the synchronous calls always did (a device-wide wait is
+    // ≈4 µs cheaper per call than cudaStreamSynchronize(0) on an H100), else on the caller's stream
     unsigned flag = 0;
-    if (need_flag) {  // the copy waits for the kernel
-        if ((e = cudaMemcpy(&flag, p.range_flag, sizeof flag, cudaMemcpyDeviceToHost)) != cudaSuccess)
-            return cuda_fail(e, "kernel execution / cudaMemcpy");
-    } else if ((e = cudaDeviceSynchronize()) != cudaSuccess) {
+    if (need_flag) {  // the copy follows the kernel on its stream
+        e = stream ? cudaMemcpyAsync(&flag, p.range_flag, sizeof flag, cudaMemcpyDeviceToHost, stream)
+                   : cudaMemcpy(&flag, p.range_flag, sizeof flag, cudaMemcpyDeviceToHost);
+        if (e == cudaSuccess && stream) e = cudaStreamSynchronize(stream);
+        if (e != cudaSuccess) return cuda_fail(e, "kernel execution / cudaMemcpy");
+    } else if (!(may_return_early && use_fast) &&
+               (e = stream ? cudaStreamSynchronize(stream) : cudaDeviceSynchronize()) != cudaSuccess) {
         return cuda_fail(e, "kernel execution");
     }
     if (pl->memory == NLF_MEMORY_HOST) {
@@ -1024,6 +1035,16 @@ NLF_API int32_t nlf_cuda_device_count(void) {
 NLF_API int32_t nlf_cuda_filter(const nlf_network* net, const nlf_planes* planes) {
     try {
         return nlfcu::run(net, planes);
+    } catch (...) {
+        return nlfcu::fail(NLF_ERR_INTERNAL, "unexpected C++ exception");
+    }
+}
+
+NLF_API int32_t nlf_cuda_filter_stream(const nlf_network* net, const nlf_planes* planes, void* stream) {
+    try {
+        if (planes && planes->memory != NLF_MEMORY_DEVICE)
+            return nlfcu::fail(NLF_ERR_ARG, "nlf_cuda_filter_stream takes device memory only");
+        return nlfcu::run(net, planes, static_cast<cudaStream_t>(stream), true);
     } catch (...) {
         return nlfcu::fail(NLF_ERR_INTERNAL, "unexpected C++ exception");
     }

@@ -134,6 +134,13 @@ NLF_API int32_t nlf_cpu_requant_forms(const nlf_network *net, int32_t bitdepth, 
 NLF_API int32_t nlf_cuda_device_count(void);
 /* Filter one channel group on the current CUDA device (one kernel launch; synchronous). */
 NLF_API int32_t nlf_cuda_filter(const nlf_network *net, const nlf_planes *planes);
+/* The same on device memory only (planes->memory == NLF_MEMORY_DEVICE), ordered on `stream` (a
+ * cudaStream_t; NULL: the legacy default stream), and asynchronous like a kernel launch where nothing
+ * has to be checked after the kernel: with the fast kernel on 8-bit samples it returns once the launch
+ * is queued (errors of the kernel's execution then surface at the caller's next synchronisation).
+ * Calls on samples of more than 8 bits (the range check reads a flag the kernel writes) and calls that
+ * take the generic kernel (its constants share one device buffer) wait for the kernel. */
+NLF_API int32_t nlf_cuda_filter_stream(const nlf_network *net, const nlf_planes *planes, void *stream);
 /* The kernel nlf_cuda_filter runs for this network and these planes: 1 the fast kernel (the paper's
  * pw-dw-pw-dw-pw shape with at most 16 hidden channels, int8 weights, every requantisation exact in 32
  * bits: the networks the encoder signals), 0 the generic one; an NLF_ERR_* code for an invalid network.

@@ -15,6 +15,7 @@ import signal
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -591,6 +592,30 @@ def test_wrong_library_is_a_kernel_error(isolated_loader: pytest.MonkeyPatch, tm
             kernels.get_kernel("cuda")
 
 
+def test_stale_installed_cuda_library_is_rebuilt(isolated_loader: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An install-time CUDA library older than the sources (a missing entry point) is passed over for a
+    build of the sources, as the C++ one is; without nvcc the error names both reasons. A library the
+    user named in $HEVC_NLF_CUDA_LIB is never replaced (test_wrong_library_is_a_kernel_error)."""
+    stale = tmp_path / "_nlf_cuda.so"
+    stale.write_bytes(b"\x7fELF garbage")
+    isolated_loader.setattr(kernels, "prebuilt_library", lambda stem, env: stale if stem == "_nlf_cuda" else None)
+    isolated_loader.setattr(kernels, "find_nvcc", lambda: None)
+    with pytest.raises(KernelError, match=f"prebuilt {stale}.*nvcc not found"):
+        kernels._cuda_library()
+    kernels._reset_for_tests()
+    built = []
+
+    def fake_build(name: str, compiler: str, *args: object, **kw: object) -> Path:
+        built.append((name, compiler))
+        raise KernelError("compiler failed (test)")
+
+    isolated_loader.setattr(kernels, "find_nvcc", lambda: "/opt/fake/nvcc")
+    isolated_loader.setattr(nativebuild, "build_cached", fake_build)
+    with pytest.raises(KernelError, match="compiler failed"):
+        kernels._cuda_library()
+    assert built == [("nlf_cuda", "/opt/fake/nvcc")]
+
+
 def test_cuda_without_device_is_refused_not_crashed() -> None:
     if HAVE_GPU:
         pytest.skip("a CUDA device is present")
@@ -703,15 +728,88 @@ def test_cuda_filter_device_matches_reference() -> None:
         k.filter_device([planes[0]], [planes[0]], reference.random_network(rng, Group.Y, Packing(1, 1)), 8)  # type: ignore[attr-defined]
 
 
-def test_cuda_filter_device_torch_tensors() -> None:
-    """PyTorch CUDA tensors (read without __cuda_array_interface__): same pictures as the reference,
-    including a row stride wider than the width; wrong dtypes and column-strided views are refused."""
+class _FakeGpuArray:
+    """An object with a __cuda_array_interface__ and no memory behind it (the checks never touch it)."""
+
+    def __init__(self, shape: tuple[int, ...], typestr: str, strides: tuple[int, ...] | None = None,
+                 readonly: bool = False, stream: int | None = None) -> None:
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (0x7F0000001000, readonly),
+                                         "strides": strides, "version": 3}
+        if stream is not None:
+            self.__cuda_array_interface__["stream"] = stream
+
+
+def test_gpu_plane_checks_without_a_device() -> None:
+    """What filter_device reads from __cuda_array_interface__ (no GPU needed): row stride in samples,
+    the producer's stream as the default stream, and a clear refusal of what the kernel cannot take."""
+    ptr, h, w, dtype, stride, torch_dev, stream = kernels._gpu_plane(
+        _FakeGpuArray((30, 40), "<u2", strides=(2 * 48, 2), stream=7), False, 0)
+    assert (ptr, h, w, dtype, stride, torch_dev, stream) == (0x7F0000001000, 30, 40, np.dtype(np.uint16), 48, None, 7)
+    assert kernels._gpu_plane(_FakeGpuArray((5, 9), "|u1"), True, 1)[4] == 9  # C-contiguous: strides None
+    assert kernels._stream_handle(None, None, 7) == 7
+    assert kernels._stream_handle(None, None, None) == 0  # legacy default stream
+    assert kernels._stream_handle(12345, None, 7) == 12345
+
+    class TorchLikeStream:
+        cuda_stream = 99
+
+    assert kernels._stream_handle(TorchLikeStream(), None, None) == 99
+    for bad, match in ((_FakeGpuArray((4, 4, 3), "|u1"), "2-D uint8/uint16"), (_FakeGpuArray((4, 4), "<f4"), "2-D uint8/uint16"),
+                       (_FakeGpuArray((4, 4), "|u1", strides=(8, 2)), "contiguous"), (np.zeros((4, 4), np.uint8), "GPU array")):
+        with pytest.raises(UsageError, match=match):
+            kernels._gpu_plane(bad, False, 0)
+    with pytest.raises(UsageError, match="output plane 1: read-only"):
+        kernels._gpu_plane(_FakeGpuArray((4, 4), "|u1", readonly=True), True, 1)
+    with pytest.raises(UsageError, match="stream"):
+        kernels._stream_handle("default", None, None)
+
+
+def _torch_and_cuda_kernel():  # type: ignore[no-untyped-def]
+    """PyTorch with CUDA and the CUDA kernel, or a skip."""
     if not HAVE_GPU:
         pytest.skip("no CUDA device")
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("PyTorch without CUDA")
-    k = kernels.get_kernel("cuda")
+    return torch, kernels.get_kernel("cuda")
+
+
+def test_cuda_filter_device_streams_and_asynchrony() -> None:
+    """filter_device runs on PyTorch's current stream (or the one given) and, with the fast kernel on
+    8-bit samples, returns before the kernel has run; 10-bit calls wait for it (range check)."""
+    torch, k = _torch_and_cuda_kernel()
+    rng = np.random.default_rng(29)
+    shape = (96, 200)
+    for bd in (8, 10):
+        net = reference.random_network(rng, Group.Y, Packing(1, 2), **SIGNALLED)
+        assert kernels.cuda_kernel_path(net, bd) == "fast"
+        plane = _planes(rng, Group.Y, shape, bd)[0]
+        want = reference.filter_planes([plane], net, bd)[0]
+        dt = torch.uint8 if bd == 8 else torch.uint16
+        x = torch.from_numpy(plane.astype(np.int32)).to("cuda").to(dt)
+        side = torch.cuda.Stream()
+        outs = [torch.zeros(shape, dtype=dt, device="cuda") for _ in range(3)]
+        torch.cuda.synchronize()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)  # ≈0.1 s of GPU time queued ahead of the filter on `side`
+            k.filter_device([x], [outs[0]], net, bd)  # type: ignore[attr-defined]
+            pending = not side.query()
+        assert pending == (bd == 8), f"{bd}-bit call {'returned early' if pending else 'waited'}"
+        k.filter_device([x], [outs[1]], net, bd, stream=side)  # type: ignore[attr-defined]
+        k.filter_device([x], [outs[2]], net, bd, stream=side.cuda_stream)  # type: ignore[attr-defined]
+        side.synchronize()
+        for o in outs:
+            assert np.array_equal(o.cpu().numpy().astype(np.int64), want.astype(np.int64))
+    if torch.cuda.device_count() > 1:
+        y = torch.zeros((8, 8), dtype=torch.uint8, device="cuda:1")
+        with pytest.raises(UsageError, match="device 1"):
+            k.filter_device([y], [y.clone()], net, 8)  # type: ignore[attr-defined]
+
+
+def test_cuda_filter_device_torch_tensors() -> None:
+    """PyTorch CUDA tensors (read without __cuda_array_interface__): same pictures as the reference,
+    including a row stride wider than the width; wrong dtypes and column-strided views are refused."""
+    torch, k = _torch_and_cuda_kernel()
     rng = np.random.default_rng(23)
     for group, packing, bd, shape in ((Group.Y, Packing(2, 2), 8, (70, 131)), (Group.UV, Packing(1, 2), 8, (33, 64))):
         net = reference.random_network(rng, group, packing, **SIGNALLED)

@@ -204,7 +204,7 @@ def test_decode_only_import_stays_light():
     code = ("import sys, hevc_ext; hevc_ext.Decoder; import hevc_ext.api, hevc_ext.sei, hevc_ext.container; "
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
 
 

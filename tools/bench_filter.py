@@ -212,9 +212,10 @@ def bench_size(width: int, height: int, kern: kernels.Kernel, args: argparse.Nam
         dev_in = [torch.from_numpy(p).to("cuda") for p in (frame.y, frame.u, frame.v)]
         dev_out = [torch.empty_like(p) for p in dev_in]
 
-        def filter_on_device() -> None:
+        def filter_on_device() -> None:  # queued on the current stream; done at the synchronisation, like run_torch
             kern.filter_device(dev_in[:1], dev_out[:1], net_y, 8)  # type: ignore[attr-defined]
             kern.filter_device(dev_in[1:], dev_out[1:], net_uv, 8)  # type: ignore[attr-defined]
+            torch.cuda.synchronize()
 
         run_device = filter_on_device
         run_device()
