@@ -387,7 +387,8 @@ class CudaKernel:
         signals) on 8-bit samples it returns once the work is queued, and ``outs`` are ready for the
         next work on that stream or after a synchronisation. Calls on samples of more than 8 bits (the
         kernel reports samples outside the bit depth, raised here as KernelError) and calls that take
-        the generic kernel wait for the kernel."""
+        the generic kernel wait for the kernel. As with any queued work, the arrays must outlive it: on a
+        stream other than the one a PyTorch tensor was allocated on, ``tensor.record_stream(s)``."""
         n = net.group.planes
         if len(planes) != n or len(outs) != n:
             raise UsageError(f"the network filters {n} plane(s); got {len(planes)} in, {len(outs)} out")
