@@ -827,8 +827,8 @@ static int run(const nlf_network* net, const nlf_planes* pl, cudaStream_t stream
     if (pl->sample_bytes != 1 && pl->sample_bytes != 2) return fail(NLF_ERR_ARG, "sample_bytes must be 1 or 2");
     if (pl->sample_bytes == 1 && pl->bitdepth != 8) return fail(NLF_ERR_ARG, "8-bit samples need bit depth 8");
     if (pl->memory != NLF_MEMORY_HOST && pl->memory != NLF_MEMORY_DEVICE) return fail(NLF_ERR_ARG, "unknown memory kind");
-    if (pl->memory == NLF_MEMORY_HOST && (stream || may_return_early))
-        return fail(NLF_ERR_ARG, "streams and early return need device memory");
+    if (may_return_early && pl->memory != NLF_MEMORY_DEVICE)  // host copies are always synchronous
+        return fail(NLF_ERR_ARG, "nlf_cuda_filter_stream takes device memory only");
     HostPlan hp;
     int rc = build_plan(net, pl, hp);
     if (rc != NLF_OK) return rc;
@@ -1042,8 +1042,6 @@ NLF_API int32_t nlf_cuda_filter(const nlf_network* net, const nlf_planes* planes
 
 NLF_API int32_t nlf_cuda_filter_stream(const nlf_network* net, const nlf_planes* planes, void* stream) {
     try {
-        if (planes && planes->memory != NLF_MEMORY_DEVICE)
-            return nlfcu::fail(NLF_ERR_ARG, "nlf_cuda_filter_stream takes device memory only");
         return nlfcu::run(net, planes, static_cast<cudaStream_t>(stream), true);
     } catch (...) {
         return nlfcu::fail(NLF_ERR_INTERNAL, "unexpected C++ exception");

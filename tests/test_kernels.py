@@ -8,6 +8,7 @@ the first run builds the CUDA library, later runs find it in the cache).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import select
@@ -657,6 +658,21 @@ def test_cuda_kernel_logic_on_host() -> None:
         planes = _planes(rng, net.group, (18, 40), 10)
         for g, w in zip(kernels.cuda_check_host(planes, net, 10), reference.filter_planes(planes, net, 10)):
             assert np.array_equal(g, w)
+
+
+def test_cuda_stream_entry_point_refuses_host_memory() -> None:
+    """nlf_cuda_filter_stream queues work without waiting, which host copies cannot do: host planes are
+    refused (an argument error, checked before any device is looked for)."""
+    if kernels.find_nvcc() is None or kernels.kernel_sources() is None:
+        pytest.skip("nvcc not present")
+    lib, _ = kernels._cuda_library()
+    rng = np.random.default_rng(13)
+    net = reference.random_network(rng, Group.Y, Packing(1, 1))
+    plane = _planes(rng, Group.Y, (8, 8), 8)[0]
+    out = np.empty_like(plane)
+    rc = lib.nlf_cuda_filter_stream(ctypes.byref(kernels._native_net(net).struct),
+                                    ctypes.byref(kernels._fill_planes([plane], [out], 8)), None)
+    assert rc == -1 and b"device memory only" in lib.nlf_last_error()
 
 
 @pytest.mark.slow
