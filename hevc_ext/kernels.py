@@ -394,7 +394,7 @@ class CudaKernel:
             raise UsageError(f"the network filters {n} plane(s); got {len(planes)} in, {len(outs)} out")
         views = [_gpu_plane(a, False, g) for g, a in enumerate(planes)]
         views += [_gpu_plane(a, True, g) for g, a in enumerate(outs)]
-        ptr, h, w, dtype, _, torch_device, cai_stream = views[0]
+        _, h, w, dtype, _, torch_device, cai_stream = views[0]
         if any(v[1:4] != (h, w, dtype) for v in views):
             raise UsageError("all planes (in and out) must have one shape and sample type")
         if (dtype == np.uint8) != (bitdepth == 8):

@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -81,23 +81,21 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
             results.append([o.clone() for o in outs])
         same = all(torch.equal(a, b) for a, b in zip(*results))
+        def ms_per_frame(fn: Callable[[], None]) -> float:  # ``--inner`` frames, then one synchronisation
+            t0 = time.perf_counter()
+            for _ in range(args.inner):
+                fn()
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t0) * 1e3 / args.inner
+
         calls: dict[bool, list[float]] = {False: [], True: []}
         queued: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.repeat):
             for generic in (False, True):
                 use_generic(generic)
                 frame()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(args.inner):
-                    frame()
-                torch.cuda.synchronize()
-                calls[generic].append((time.perf_counter() - t0) * 1e3 / args.inner)
-                t0 = time.perf_counter()
-                for _ in range(args.inner):
-                    queue()
-                torch.cuda.synchronize()
-                queued[generic].append((time.perf_counter() - t0) * 1e3 / args.inner)
+                calls[generic].append(ms_per_frame(frame))
+                queued[generic].append(ms_per_frame(queue))
         device: dict[bool, float] = {}
         for generic in (False, True):
             use_generic(generic)
