@@ -282,8 +282,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("kernels:")
     kr = data["kernels"]
     for name, k in kr.get("kernels", {}).items():
-        print(f"  {name:12s} {'available' if k.get('available') else 'unavailable'}: {k.get('reason', '')}")
+        where = f" ({k['path']})" if k.get("available") and k.get("path") else ""
+        print(f"  {name:12s} {'available' if k.get('available') else 'unavailable'}: {k.get('reason', '')}{where}")
     print(f"  active: {kr.get('active')}")
+    tr = data["training"]
+    print("training engine (encoder):")
+    print(f"  {'cpu':12s} {'available' if tr['available'] else 'unavailable'}: {tr['reason']}")
+    print(f"  active: {tr['active']}")
     return 0
 
 
@@ -320,7 +325,18 @@ def collect_info() -> dict:
         except NlfError as exc:
             backends[name] = {"available": False, "detail": str(exc), "version": None}
     return {"version": __version__, "python": platform.python_version(), "platform": platform.platform(),
-            "packages": packages, "backends": backends, "kernels": kernel_report()}
+            "packages": packages, "backends": backends, "kernels": kernel_report(), "training": _training_report()}
+
+
+def _training_report() -> dict[str, object]:
+    """The encoder's training engine: the C++ one (what ``TrainConfig(engine="auto")`` takes) or PyTorch's autograd."""
+    try:
+        from . import trainkernel  # imports torch
+    except ImportError as exc:
+        return {"available": False, "reason": f"cannot import torch ({exc}): needed for encoding only",
+                "active": None}
+    ok, why = trainkernel.available()
+    return {"available": ok, "reason": why, "active": "cpu" if ok else "torch"}
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -2,14 +2,19 @@
 
 Every kernel computes :func:`hevc_ext.reference.filter_planes` bit-exactly; they differ only in speed.
 
-* ``cuda`` — ``kernels/filter_cuda.cu``, compiled with nvcc at first use (or found prebuilt) and
-  cached under ``$HEVC_NLF_CACHE`` or ``~/.cache/hevc-nlf/``, keyed by a hash of the sources, the
-  flags and ``nvcc --version``. Whether to *build* is decided by the presence of nvcc alone; whether
-  to *use* the built library needs a CUDA device at run time (asked through the library itself).
+* ``cuda`` — ``kernels/filter_cuda.cu``, built by ``pip install`` where nvcc exists
+  (``hevc_ext/_nlf_cuda.so``), else compiled with nvcc at first use and cached under
+  ``$HEVC_NLF_CACHE`` or ``~/.cache/hevc-nlf/``, keyed by a hash of the sources, the flags and
+  ``nvcc --version``. Whether to *build* is decided by the presence of nvcc alone; whether to *use*
+  the built library needs a CUDA device at run time (asked through the library itself).
 * ``cpu`` — ``kernels/filter_cpu.cpp``, built by ``pip install`` into ``hevc_ext/_nlf_cpu*.so``
   (AVX-512 / AVX2 / scalar chosen at run time). If the install could not build it, it is compiled
   at first use into the same cache when a C++ compiler is present.
 * ``reference`` — the numpy definition; always available.
+
+Both native libraries are located by :func:`hevc_ext.nativebuild.load_native` (the same policy as the
+training engine's): ``$HEVC_NLF_CPU_LIB`` / ``$HEVC_NLF_CUDA_LIB`` name a library to use instead and
+are never substituted; an installed library that does not load (older than the sources) is rebuilt.
 
 ``get_kernel("auto")`` takes the first available one and logs why the others were passed over;
 ``get_kernel("cuda" | "cpu" | "reference")`` raises :class:`~hevc_ext.errors.KernelError` with the
@@ -21,12 +26,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -35,7 +39,7 @@ from .errors import KernelError, UsageError
 from . import nativebuild
 from .buildflags import CPU_FLAGS, CUDA_FLAGS  # shared with setup.py
 # names the loader looks up at call time (so tests can replace them here)
-from .nativebuild import cache_dir, find_nvcc, prebuilt_library  # noqa: F401 - re-exported
+from .nativebuild import cache_dir, find_nvcc  # noqa: F401 - re-exported
 from .nativebuild import find_cxx as _find_cxx
 from .reference import IntNetwork
 
@@ -424,16 +428,6 @@ def kernel_sources() -> Path | None:
     return nativebuild.sources_dir(_SOURCES)
 
 
-def _load(path: Path, bind: "Callable[[ctypes.CDLL], None]") -> ctypes.CDLL:
-    """Load a kernel library and declare its functions; a missing file or symbol is a KernelError."""
-
-    def bind_all(lib: ctypes.CDLL) -> None:
-        _bind_common(lib)
-        bind(lib)
-
-    return nativebuild.load_library(path, bind_all, "kernel library")
-
-
 def _bind_cpu(lib: ctypes.CDLL) -> None:
     lib.nlf_cpu_best_isa.restype = ctypes.c_int32
     lib.nlf_cpu_best_isa.argtypes = []
@@ -456,12 +450,28 @@ def _bind_cuda(lib: ctypes.CDLL) -> None:
     lib.nlf_cuda_filter_stream.argtypes = [ctypes.POINTER(_Network), ctypes.POINTER(_Planes), ctypes.c_void_p]
 
 
-def _prebuilt_cpu() -> Path | None:
-    return prebuilt_library("_nlf_cpu", "HEVC_NLF_CPU_LIB")
+def _bind_cpu_all(lib: ctypes.CDLL) -> None:
+    _bind_common(lib)
+    _bind_cpu(lib)
 
 
-_cpu_lib = nativebuild.LazyLibrary(lambda: _load_cpu(), "C++ kernel")
-_cuda_lib = nativebuild.LazyLibrary(lambda: _load_cuda(), "CUDA kernel")
+def _bind_cuda_all(lib: ctypes.CDLL) -> None:
+    _bind_common(lib)
+    _bind_cuda(lib)
+
+
+_CPU = nativebuild.NativeLibrary(
+    what="C++ kernel", stem="_nlf_cpu", env_var="HEVC_NLF_CPU_LIB",
+    sources=("filter_cpu.cpp", "nlf_filter.h", "nlf_network_check.h"), bind=_bind_cpu_all,
+    compiler_name="C++ compiler", compiler_hint="set $CXX or install g++ / clang++")
+_CUDA = nativebuild.NativeLibrary(
+    what="CUDA kernel", stem="_nlf_cuda", env_var="HEVC_NLF_CUDA_LIB",
+    sources=("filter_cuda.cu", "nlf_filter.h", "nlf_network_check.h"), bind=_bind_cuda_all,
+    compiler_name="nvcc", compiler_hint="looked on PATH, in $CUDA_HOME, $CUDA_PATH and /usr/local/cuda",
+    build_note="a minute or more, once per kernel source and nvcc version", build_level=logging.WARNING)
+
+_cpu_lib = nativebuild.LazyLibrary(lambda: nativebuild.load_native(_CPU, _find_cxx(), CPU_FLAGS), "C++ kernel")
+_cuda_lib = nativebuild.LazyLibrary(lambda: nativebuild.load_native(_CUDA, find_nvcc(), CUDA_FLAGS), "CUDA kernel")
 
 
 def _cpu_library() -> tuple[ctypes.CDLL, Path]:
@@ -469,62 +479,10 @@ def _cpu_library() -> tuple[ctypes.CDLL, Path]:
     return _cpu_lib.get()
 
 
-def _load_cpu() -> tuple[ctypes.CDLL, Path]:
-    path = _prebuilt_cpu()
-    reasons = []
-    if path is not None:
-        try:
-            return _load(path, _bind_cpu), path
-        except KernelError as exc:
-            reasons.append(f"prebuilt {path}: {exc}")
-    else:
-        reasons.append("not built at install time (no hevc_ext/_nlf_cpu*.so)")
-    src = kernel_sources()
-    cxx = _find_cxx()
-    if src is None or cxx is None:
-        reasons.append("no kernel sources" if src is None else "no C++ compiler to build it at first use")
-        raise KernelError("C++ kernel unavailable: " + "; ".join(reasons))
-    log.info("C++ kernel %s; using the cached build or building it now", reasons[0])
-    out = nativebuild.build_cached("nlf_cpu", cxx, CPU_FLAGS, [src / "filter_cpu.cpp", src / "nlf_filter.h",
-                                                               src / "nlf_network_check.h"],
-                                   "the C++ filter kernel")
-    return _load(out, _bind_cpu), out
-
-
 def _cuda_library() -> tuple[ctypes.CDLL, Path]:
     """The loaded CUDA library (prebuilt, cached or built now with nvcc); KernelError if none.
     Does not look for a device: see :func:`_cuda_kernel`."""
     return _cuda_lib.get()
-
-
-def _load_cuda() -> tuple[ctypes.CDLL, Path]:
-    prebuilt = prebuilt_library("_nlf_cuda", "HEVC_NLF_CUDA_LIB")  # built by pip install when nvcc exists
-    stale = ""
-    if prebuilt is not None:
-        try:
-            return _load(prebuilt, _bind_cuda), prebuilt
-        except KernelError as exc:
-            if os.environ.get("HEVC_NLF_CUDA_LIB"):  # the user's choice: no silent substitute
-                raise
-            stale = f"prebuilt {prebuilt}: {exc}"  # an install older than the sources: build them
-    nvcc = find_nvcc()
-    if nvcc is None:
-        raise KernelError("CUDA kernel unavailable: " + (stale + "; " if stale else "") +
-                          "nvcc not found (PATH, $CUDA_HOME, /usr/local/cuda)" +
-                          ("" if stale else " and no prebuilt library ($HEVC_NLF_CUDA_LIB)"))
-    if stale:
-        log.info("CUDA kernel %s; using the cached build or building it now", stale)
-    src = kernel_sources()
-    if src is None:
-        raise KernelError("CUDA kernel unavailable: kernel sources not found")
-    try:
-        out = nativebuild.build_cached("nlf_cuda", nvcc, CUDA_FLAGS, [src / "filter_cuda.cu", src / "nlf_filter.h",
-                                                                    src / "nlf_network_check.h"],
-                                       "the CUDA kernel (a few minutes, once per kernel source and nvcc version)",
-                                       level=logging.WARNING)
-    except KernelError as exc:
-        raise KernelError(f"CUDA kernel unavailable: {exc}") from exc
-    return _load(out, _bind_cuda), out
 
 
 def cuda_driver_device_count() -> int:
@@ -652,7 +610,7 @@ def get_kernel(name: str = "auto", threads: int | None = None) -> Kernel:
 def kernel_report() -> dict[str, object]:
     """For ``hevc-nlf info``: each kernel's availability and why, and which one ``auto`` picks."""
     kernels: dict[str, dict[str, object]] = {}
-    prebuilt = prebuilt_library("_nlf_cuda", "HEVC_NLF_CUDA_LIB")
+    prebuilt = nativebuild.prebuilt_library(_CUDA.stem, _CUDA.env_var)
     if cuda_driver_device_count() == 0:
         built = f"built at install: {prebuilt}" if prebuilt else (
             f"nvcc {find_nvcc()} present: built at install or on first use with a GPU" if find_nvcc()

@@ -1,11 +1,20 @@
 """Finding, building and loading the project's native libraries (the filter kernels of
 :mod:`hevc_ext.kernels` and the training engine of :mod:`hevc_ext.trainkernel`).
 
-A library is taken from the package when ``pip install`` built it (``hevc_ext/<stem>*.so``, or the
-path in an environment variable), else compiled at first use into the cache (``$HEVC_NLF_CACHE`` or
-``~/.cache/hevc-nlf/``) under a name keyed by a hash of its sources, the flags and the compiler's
-version. Builds write to a temporary name and rename (a file lock keeps parallel processes from
-building the same library twice). Every failure is a :class:`~hevc_ext.errors.KernelError`.
+One policy for all three (:func:`load_native`, described by a :class:`NativeLibrary`):
+
+1. A library the user names in its environment variable (``HEVC_NLF_CPU_LIB``, ``HEVC_NLF_CUDA_LIB``,
+   ``HEVC_NLF_TRAIN_LIB``) is the only one tried: if it cannot be loaded (not a library, or not one of
+   this version) that is the error — never a silent substitute.
+2. Else the library ``pip install`` built next to the package (``hevc_ext/<stem>*.so``). If it does not
+   load (an install older than the sources: a missing entry point), that is logged as a warning and
+   the sources are built instead.
+3. Else (or then) the sources are compiled at first use into the cache (``$HEVC_NLF_CACHE`` or
+   ``~/.cache/hevc-nlf/``) under a name keyed by a hash of the sources, the flags and the compiler's
+   version. Builds write to a temporary name and rename (a file lock keeps parallel processes from
+   building the same library twice).
+
+Every failure is a :class:`~hevc_ext.errors.KernelError` that names each reason on the way.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -179,6 +189,54 @@ def load_library(path: Path, bind: Callable[[ctypes.CDLL], None], what: str) -> 
     except AttributeError as exc:
         raise KernelError(f"{path} is not a {what} of this version: {exc}") from exc
     return lib
+
+
+@dataclass(frozen=True)
+class NativeLibrary:
+    """What :func:`load_native` needs to know of one native library."""
+
+    what: str                          # in messages: "C++ kernel", "CUDA kernel", "C++ training engine"
+    stem: str                          # installed as hevc_ext/<stem>*.so, cached as lib<stem without _>-<key>.so
+    env_var: str                       # names a library to use instead (never substituted)
+    sources: tuple[str, ...]           # under kernels/: the first is compiled, the others are its headers
+    bind: Callable[[ctypes.CDLL], None]  # declares the functions (a missing symbol: not this version)
+    compiler_name: str                 # "C++ compiler", "nvcc": for "no <compiler_name> ..." messages
+    compiler_hint: str                 # where it was looked for / how to provide one
+    build_note: str = ""               # appended to the "building ..." log line (e.g. how long it takes)
+    build_level: int = logging.INFO    # the level of that line
+
+
+def load_native(lib: NativeLibrary, compiler: str | None, flags: Sequence[str]) -> tuple[ctypes.CDLL, Path]:
+    """Locate, if need be build, and load ``lib`` by the module's policy (see the module docstring);
+    ``compiler`` is the compiler to build with (None: none found). Returns the library and its path."""
+    reasons: list[str] = []
+    named = os.environ.get(lib.env_var)
+    installed = prebuilt_library(lib.stem, lib.env_var)
+    if installed is not None:
+        try:
+            return load_library(installed, lib.bind, lib.what + " library"), installed
+        except KernelError as exc:
+            if named and Path(named) == installed:
+                raise KernelError(f"{lib.what} unavailable: the library named by ${lib.env_var} does not load "
+                                  f"({exc}); unset {lib.env_var} to use the installed or a freshly built one") from exc
+            reasons.append(f"the installed library does not load ({exc})")
+            log.warning("%s: the installed library does not load (%s); building it from the sources", lib.what, exc)
+    else:
+        reasons.append(f"not built at install time (no hevc_ext/{lib.stem}*.so, ${lib.env_var} unset)")
+    src = sources_dir(lib.sources)
+    if src is None:
+        reasons.append(f"its sources ({', '.join(lib.sources)}) not found")
+    elif compiler is None:
+        reasons.append(f"no {lib.compiler_name} to build it at first use ({lib.compiler_hint})")
+    if src is None or compiler is None:
+        raise KernelError(f"{lib.what} unavailable: " + "; ".join(reasons))
+    what = f"the {lib.what}" + (f" ({lib.build_note})" if lib.build_note else "")
+    try:
+        out = build_cached(lib.stem.lstrip("_"), compiler, flags, [src / f for f in lib.sources], what,
+                           level=lib.build_level)
+    except KernelError as exc:
+        raise KernelError(f"{lib.what} unavailable: " + "; ".join(reasons + [str(exc)])) from exc
+    return load_library(out, lib.bind, lib.what + " library"), out
 
 
 class LazyLibrary:

@@ -6,11 +6,11 @@ network in training mode, batch norm folded into the convolutions with batch sta
 running-statistics update — about an order of magnitude faster than PyTorch on the CPU for these
 small channel counts. Gradients are written into each parameter's ``.grad`` (overwritten).
 
-The library is loaded from a prebuilt ``hevc_ext/_nlf_train*.so`` (or ``$HEVC_NLF_TRAIN_LIB``) when
-present, else compiled at first use with the system C++ compiler into the kernel cache
-(``$HEVC_NLF_CACHE`` or ``~/.cache/hevc-nlf/``), keyed by a hash of the sources, the flags and the
-compiler version. Every failure is a :class:`~hevc_ext.errors.KernelError`; :func:`available` says
-whether the engine can be used and why not.
+The library is the one ``pip install`` built (``hevc_ext/_nlf_train*.so``), or the one named by
+``$HEVC_NLF_TRAIN_LIB``, else it is compiled at first use with the system C++ compiler into the
+kernel cache (``$HEVC_NLF_CACHE`` or ``~/.cache/hevc-nlf/``): the policy of
+:func:`hevc_ext.nativebuild.load_native`, shared with the filter kernels. Every failure is a
+:class:`~hevc_ext.errors.KernelError`; :func:`available` says whether the engine can be used and why not.
 """
 
 from __future__ import annotations
@@ -106,38 +106,11 @@ def _bind(lib: ctypes.CDLL) -> None:
                               ctypes.POINTER(ctypes.c_double)]
 
 
-def _load(path: Path) -> ctypes.CDLL:
-    return nativebuild.load_library(path, _bind, "training-engine library")
-
-
-def _prebuilt() -> Path | None:
-    return nativebuild.prebuilt_library("_nlf_train", "HEVC_NLF_TRAIN_LIB")
-
-
-def _build_and_load() -> tuple[ctypes.CDLL, Path]:
-    reasons = []
-    pre = _prebuilt()
-    if pre is not None:
-        try:
-            return _load(pre), pre
-        except KernelError as exc:
-            reasons.append(f"prebuilt {pre}: {exc}")
-            log.warning("training engine: %s; building it instead", exc)
-    src = nativebuild.sources_dir(_SOURCES)
-    cxx = nativebuild.find_cxx()
-    if src is None or cxx is None:
-        reasons.append("training engine sources (kernels/train_cpu.cpp) not found" if src is None else
-                       "no C++ compiler (set $CXX or install g++/clang++) to build the training engine")
-        raise KernelError("C++ training engine unavailable: " + "; ".join(reasons))
-    try:
-        out = nativebuild.build_cached("nlf_train", cxx, TRAIN_FLAGS, [src / f for f in _SOURCES],
-                                       "the C++ training engine")
-    except KernelError as exc:
-        raise KernelError("C++ training engine unavailable: " + "; ".join(reasons + [str(exc)])) from exc
-    return _load(out), out
-
-
-_engine_lib = nativebuild.LazyLibrary(lambda: _build_and_load(), "C++ training engine")
+_ENGINE = nativebuild.NativeLibrary(
+    what="C++ training engine", stem="_nlf_train", env_var="HEVC_NLF_TRAIN_LIB", sources=_SOURCES, bind=_bind,
+    compiler_name="C++ compiler", compiler_hint="set $CXX or install g++ / clang++")
+_engine_lib = nativebuild.LazyLibrary(lambda: nativebuild.load_native(_ENGINE, nativebuild.find_cxx(), TRAIN_FLAGS),
+                                      "C++ training engine")
 
 
 def _library() -> tuple[ctypes.CDLL, Path]:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import select
 import signal
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -504,6 +506,12 @@ def isolated_loader(monkeypatch: pytest.MonkeyPatch, tmp_path):  # type: ignore[
     kernels._reset_for_tests()
 
 
+def _not_installed(monkeypatch: pytest.MonkeyPatch, *stems: str) -> None:
+    """As if ``pip install`` had not built the libraries ``stems`` (e.g. "_nlf_cpu")."""
+    real = nativebuild.prebuilt_library
+    monkeypatch.setattr(nativebuild, "prebuilt_library", lambda stem, env: None if stem in stems else real(stem, env))
+
+
 def test_auto_does_not_build_cuda_without_a_device(isolated_loader: pytest.MonkeyPatch) -> None:
     """Building is decided by nvcc (at install); *using* CUDA needs a device, so on a machine without
     one ``auto`` neither builds nor loads the CUDA kernel."""
@@ -528,10 +536,8 @@ def test_reference_kernel_and_unknown_names() -> None:
 
 def test_no_nvcc_means_no_cuda(isolated_loader: pytest.MonkeyPatch) -> None:
     isolated_loader.setattr(kernels, "find_nvcc", lambda: None)
-    real = kernels.prebuilt_library  # no install-time CUDA build either (pip builds it where nvcc exists)
-    isolated_loader.setattr(kernels, "prebuilt_library",
-                            lambda stem, env: None if stem == "_nlf_cuda" else real(stem, env))
-    with pytest.raises(KernelError, match="nvcc not found"):
+    _not_installed(isolated_loader, "_nlf_cuda")  # no install-time CUDA build either (pip builds it where nvcc exists)
+    with pytest.raises(KernelError, match="no nvcc to build it"):
         kernels.get_kernel("cuda")
     if HAVE_CPU:
         assert kernels.get_kernel("auto").name == "cpu"
@@ -545,7 +551,7 @@ def test_no_nvcc_means_no_cuda(isolated_loader: pytest.MonkeyPatch) -> None:
 def test_auto_falls_back_to_reference_with_a_warning(isolated_loader: pytest.MonkeyPatch,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     isolated_loader.setattr(kernels, "find_nvcc", lambda: None)
-    isolated_loader.setattr(kernels, "_prebuilt_cpu", lambda: None)
+    _not_installed(isolated_loader, "_nlf_cpu")
     isolated_loader.setattr(kernels, "_find_cxx", lambda: None)
     with pytest.raises(KernelError, match="C\\+\\+ kernel unavailable.*compiler"):
         kernels.get_kernel("cpu")
@@ -561,7 +567,7 @@ def test_auto_falls_back_to_reference_with_a_warning(isolated_loader: pytest.Mon
 def test_cpu_kernel_built_at_first_use(isolated_loader: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
     if kernels._find_cxx() is None or kernels.kernel_sources() is None:
         pytest.skip("no C++ compiler or kernel sources")
-    isolated_loader.setattr(kernels, "_prebuilt_cpu", lambda: None)
+    _not_installed(isolated_loader, "_nlf_cpu")
     isolated_loader.setattr(kernels, "CPU_FLAGS", ("-O1",) + kernels.CPU_FLAGS[1:])  # a quicker build
     k = kernels.get_kernel("cpu")
     assert k.path.parent == tmp_path / "cache" and k.path.is_file()  # type: ignore[attr-defined]
@@ -573,7 +579,7 @@ def test_cpu_kernel_built_at_first_use(isolated_loader: pytest.MonkeyPatch, tmp_
 def test_compiler_failure_is_reported(isolated_loader: pytest.MonkeyPatch) -> None:
     if kernels.kernel_sources() is None:
         pytest.skip("no kernel sources")
-    isolated_loader.setattr(kernels, "_prebuilt_cpu", lambda: None)
+    _not_installed(isolated_loader, "_nlf_cpu")
     isolated_loader.setattr(kernels, "_find_cxx", lambda: "/bin/false")
     with pytest.raises(KernelError, match="compiler failed"):
         kernels.get_kernel("cpu")
@@ -589,7 +595,7 @@ def test_wrong_library_is_a_kernel_error(isolated_loader: pytest.MonkeyPatch, tm
         kernels._reset_for_tests()
         isolated_loader.setenv("HEVC_NLF_CUDA_LIB", str(kernels.get_kernel("cpu").path))  # type: ignore[attr-defined]
         kernels._reset_for_tests()
-        with pytest.raises(KernelError, match="not a kernel library"):
+        with pytest.raises(KernelError, match="not a CUDA kernel library"):
             kernels.get_kernel("cuda")
 
 
@@ -599,9 +605,9 @@ def test_stale_installed_cuda_library_is_rebuilt(isolated_loader: pytest.MonkeyP
     user named in $HEVC_NLF_CUDA_LIB is never replaced (test_wrong_library_is_a_kernel_error)."""
     stale = tmp_path / "_nlf_cuda.so"
     stale.write_bytes(b"\x7fELF garbage")
-    isolated_loader.setattr(kernels, "prebuilt_library", lambda stem, env: stale if stem == "_nlf_cuda" else None)
+    isolated_loader.setattr(nativebuild, "prebuilt_library", lambda stem, env: stale if stem == "_nlf_cuda" else None)
     isolated_loader.setattr(kernels, "find_nvcc", lambda: None)
-    with pytest.raises(KernelError, match=f"prebuilt {stale}.*nvcc not found"):
+    with pytest.raises(KernelError, match=f"installed library does not load \\(cannot load {stale}.*no nvcc"):
         kernels._cuda_library()
     kernels._reset_for_tests()
     built = []
@@ -615,6 +621,107 @@ def test_stale_installed_cuda_library_is_rebuilt(isolated_loader: pytest.MonkeyP
     with pytest.raises(KernelError, match="compiler failed"):
         kernels._cuda_library()
     assert built == [("nlf_cuda", "/opt/fake/nvcc")]
+
+
+def _native_libraries() -> list[tuple[str, nativebuild.NativeLibrary, Any]]:
+    from hevc_ext import trainkernel  # imports torch
+
+    return [("cpu", kernels._CPU, kernels._cpu_library), ("cuda", kernels._CUDA, kernels._cuda_library),
+            ("train", trainkernel._ENGINE, trainkernel._library)]
+
+
+@pytest.mark.parametrize("which", ["cpu", "cuda", "train"])
+def test_one_loading_policy_for_every_native_library(which: str, isolated_loader: pytest.MonkeyPatch,
+                                                     tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The C++ kernel, the CUDA kernel and the training engine are located by one policy
+    (nativebuild.load_native): a library named in the environment is never replaced by a build; an
+    installed one that does not load is rebuilt from the sources, with a warning; with neither, the
+    error names every reason."""
+    from hevc_ext import trainkernel
+
+    _, spec, get = next(t for t in _native_libraries() if t[0] == which)
+    isolated_loader.delenv("HEVC_NLF_TRAIN_LIB", raising=False)
+    trainkernel._reset_for_tests()
+    isolated_loader.setattr(kernels, "_find_cxx", lambda: "/opt/fake/c++")
+    isolated_loader.setattr(nativebuild, "find_cxx", lambda: "/opt/fake/c++")
+    isolated_loader.setattr(kernels, "find_nvcc", lambda: "/opt/fake/nvcc")
+    built: list[tuple[str, str]] = []
+
+    def fake_build(name: str, compiler: str, *args: object, **kw: object) -> Path:
+        built.append((name, compiler))
+        raise KernelError("compiler failed (test)")
+
+    isolated_loader.setattr(nativebuild, "build_cached", fake_build)
+    garbage = tmp_path / "libgarbage.so"
+    garbage.write_bytes(b"\x7fELF garbage")
+    try:
+        # 1. named by the user: the error, never a substitute
+        isolated_loader.setenv(spec.env_var, str(garbage))
+        named = f"named by \\${spec.env_var} does not load \\(cannot load {garbage}.*unset {spec.env_var}"
+        with pytest.raises(KernelError, match=named):
+            get()
+        assert built == []
+        isolated_loader.delenv(spec.env_var)
+        # 2. installed but not loadable (older than the sources): built anew, with a warning
+        kernels._reset_for_tests()
+        trainkernel._reset_for_tests()
+        isolated_loader.setattr(nativebuild, "prebuilt_library", lambda stem, env: garbage if stem == spec.stem else None)
+        with caplog.at_level(logging.WARNING, logger="hevc_ext.nativebuild"):
+            stale = f" unavailable: the installed library does not load \\(cannot load {garbage}.*compiler failed"
+            with pytest.raises(KernelError, match=re.escape(spec.what) + stale):
+                get()
+        assert built == [(spec.stem.lstrip("_"), "/opt/fake/nvcc" if which == "cuda" else "/opt/fake/c++")]
+        assert any("building it from the sources" in r.getMessage() for r in caplog.records)
+        # 3. nothing installed and no compiler: both reasons
+        kernels._reset_for_tests()
+        trainkernel._reset_for_tests()
+        isolated_loader.setattr(nativebuild, "prebuilt_library", lambda stem, env: None)
+        isolated_loader.setattr(kernels, "_find_cxx", lambda: None)
+        isolated_loader.setattr(nativebuild, "find_cxx", lambda: None)
+        isolated_loader.setattr(kernels, "find_nvcc", lambda: None)
+        neither = f"not built at install time .*{spec.env_var} unset.*no {re.escape(spec.compiler_name)} to build it"
+        with pytest.raises(KernelError, match=neither):
+            get()
+        assert len(built) == 1
+    finally:
+        trainkernel._reset_for_tests()
+
+
+def test_info_reports_kernels_and_training_engine(isolated_loader: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``hevc-nlf info`` says which filter kernel and which training engine are active, and why."""
+    import json
+
+    from hevc_ext import trainkernel
+    from hevc_ext.cli import main
+
+    isolated_loader.delenv("HEVC_NLF_TRAIN_LIB", raising=False)
+    isolated_loader.setattr(kernels, "find_nvcc", lambda: None)  # no CUDA build into the empty cache
+    _not_installed(isolated_loader, "_nlf_cuda")
+    trainkernel._reset_for_tests()
+    try:
+        assert main(["info", "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["kernels"]["active"] == kernels.get_kernel("auto").name
+        ok, why = trainkernel.available()
+        assert data["training"] == {"available": ok, "reason": why, "active": "cpu" if ok else "torch"}
+        if HAVE_CPU:
+            assert data["kernels"]["kernels"]["cpu"]["path"] == str(kernels.get_kernel("cpu").path)  # type: ignore[attr-defined]
+        # nothing installed, no compiler: the encoder trains with torch, and info says why
+        kernels._reset_for_tests()
+        trainkernel._reset_for_tests()
+        isolated_loader.setattr(nativebuild, "prebuilt_library", lambda stem, env: None)
+        isolated_loader.setattr(nativebuild, "find_cxx", lambda: None)
+        isolated_loader.setattr(kernels, "_find_cxx", lambda: None)
+        assert main(["info"]) == 0
+        out = capsys.readouterr().out
+        kernel_part, training_part = out.split("training engine (encoder):")
+        assert "cpu          unavailable: C++ kernel unavailable" in kernel_part
+        assert "active: reference" in kernel_part
+        assert "unavailable: C++ training engine unavailable" in training_part and "no C++ compiler" in training_part
+        assert "active: torch" in training_part
+    finally:
+        trainkernel._reset_for_tests()
 
 
 def test_cuda_without_device_is_refused_not_crashed() -> None:

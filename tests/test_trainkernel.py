@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hevc_ext import trainkernel
+from hevc_ext import nativebuild, trainkernel
 from hevc_ext.arch import Architecture, Group, Packing
 from hevc_ext.errors import KernelError, UsageError
 from hevc_ext.model import NlfNet, pack, unpack
@@ -271,7 +271,7 @@ def test_unavailable_without_compiler(monkeypatch, tmp_path):
     monkeypatch.delenv("HEVC_NLF_TRAIN_LIB", raising=False)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(trainkernel, "_prebuilt", lambda: None)
+    monkeypatch.setattr(nativebuild, "prebuilt_library", lambda stem, env: None)
     trainkernel._reset_for_tests()
     try:
         ok, why = trainkernel.available()
