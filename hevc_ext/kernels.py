@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -612,7 +613,8 @@ def kernel_report() -> dict[str, object]:
     kernels: dict[str, dict[str, object]] = {}
     prebuilt = nativebuild.prebuilt_library(_CUDA.stem, _CUDA.env_var)
     if cuda_driver_device_count() == 0:
-        built = f"built at install: {prebuilt}" if prebuilt else (
+        named = "named by $" + _CUDA.env_var if os.environ.get(_CUDA.env_var) else "built at install"
+        built = f"{named}: {prebuilt}" if prebuilt else (
             f"nvcc {find_nvcc()} present: built at install or on first use with a GPU" if find_nvcc()
             else "nvcc not found: not built")
         kernels["cuda"] = {"available": False, "reason": f"no CUDA device (driver reports none); {built}"}
