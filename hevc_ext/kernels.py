@@ -14,7 +14,8 @@ Every kernel computes :func:`hevc_ext.reference.filter_planes` bit-exactly; they
 
 Both native libraries are located by :func:`hevc_ext.nativebuild.load_native` (the same policy as the
 training engine's): ``$HEVC_NLF_CPU_LIB`` / ``$HEVC_NLF_CUDA_LIB`` name a library to use instead and
-are never substituted; an installed library that does not load (older than the sources) is rebuilt.
+are never substituted; an installed library that does not load (one missing an entry point of newer
+sources) is rebuilt from the sources.
 
 ``get_kernel("auto")`` takes the first available one and logs why the others were passed over;
 ``get_kernel("cuda" | "cpu" | "reference")`` raises :class:`~hevc_ext.errors.KernelError` with the
