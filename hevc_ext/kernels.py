@@ -421,13 +421,10 @@ class CudaKernel:
 
 
 # ------------------------------------------------------------------------------ locating / building
-_SOURCES = ("filter_cpu.cpp", "filter_cuda.cu", "nlf_filter.h", "nlf_network_check.h")
-
-
 def kernel_sources() -> Path | None:
     """The directory holding ``filter_cpu.cpp``, ``filter_cuda.cu`` and their headers (see
     :func:`hevc_ext.nativebuild.sources_dir`)."""
-    return nativebuild.sources_dir(_SOURCES)
+    return nativebuild.sources_dir(tuple(dict.fromkeys(_CPU.sources + _CUDA.sources)))
 
 
 def _bind_cpu(lib: ctypes.CDLL) -> None:
