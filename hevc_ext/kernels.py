@@ -42,7 +42,6 @@ from . import nativebuild
 from .buildflags import CPU_FLAGS, CUDA_FLAGS  # shared with setup.py
 # names the loader looks up at call time (so tests can replace them here)
 from .nativebuild import cache_dir, find_nvcc  # noqa: F401 - re-exported
-from .nativebuild import find_cxx as _find_cxx
 from .reference import IntNetwork
 
 log = logging.getLogger(__name__)
@@ -428,6 +427,7 @@ def kernel_sources() -> Path | None:
 
 
 def _bind_cpu(lib: ctypes.CDLL) -> None:
+    _bind_common(lib)
     lib.nlf_cpu_best_isa.restype = ctypes.c_int32
     lib.nlf_cpu_best_isa.argtypes = []
     lib.nlf_cpu_isa_supported.restype = ctypes.c_int32
@@ -440,6 +440,7 @@ def _bind_cpu(lib: ctypes.CDLL) -> None:
 
 
 def _bind_cuda(lib: ctypes.CDLL) -> None:
+    _bind_common(lib)
     lib.nlf_cuda_device_count.restype = ctypes.c_int32
     lib.nlf_cuda_device_count.argtypes = []
     for fn in (lib.nlf_cuda_filter, lib.nlf_cuda_check_host, lib.nlf_cuda_kernel_path):
@@ -449,27 +450,17 @@ def _bind_cuda(lib: ctypes.CDLL) -> None:
     lib.nlf_cuda_filter_stream.argtypes = [ctypes.POINTER(_Network), ctypes.POINTER(_Planes), ctypes.c_void_p]
 
 
-def _bind_cpu_all(lib: ctypes.CDLL) -> None:
-    _bind_common(lib)
-    _bind_cpu(lib)
-
-
-def _bind_cuda_all(lib: ctypes.CDLL) -> None:
-    _bind_common(lib)
-    _bind_cuda(lib)
-
-
 _CPU = nativebuild.NativeLibrary(
     what="C++ kernel", stem="_nlf_cpu", env_var="HEVC_NLF_CPU_LIB",
-    sources=("filter_cpu.cpp", "nlf_filter.h", "nlf_network_check.h"), bind=_bind_cpu_all,
+    sources=("filter_cpu.cpp", "nlf_filter.h", "nlf_network_check.h"), bind=_bind_cpu,
     compiler_name="C++ compiler", compiler_hint="set $CXX or install g++ / clang++")
 _CUDA = nativebuild.NativeLibrary(
     what="CUDA kernel", stem="_nlf_cuda", env_var="HEVC_NLF_CUDA_LIB",
-    sources=("filter_cuda.cu", "nlf_filter.h", "nlf_network_check.h"), bind=_bind_cuda_all,
+    sources=("filter_cuda.cu", "nlf_filter.h", "nlf_network_check.h"), bind=_bind_cuda,
     compiler_name="nvcc", compiler_hint="looked on PATH, in $CUDA_HOME, $CUDA_PATH and /usr/local/cuda",
     build_note="a minute or more, once per kernel source and nvcc version", build_level=logging.WARNING)
 
-_cpu_lib = nativebuild.LazyLibrary(lambda: nativebuild.load_native(_CPU, _find_cxx(), CPU_FLAGS), "C++ kernel")
+_cpu_lib = nativebuild.LazyLibrary(lambda: nativebuild.load_native(_CPU, nativebuild.find_cxx(), CPU_FLAGS), "C++ kernel")
 _cuda_lib = nativebuild.LazyLibrary(lambda: nativebuild.load_native(_CUDA, find_nvcc(), CUDA_FLAGS), "CUDA kernel")
 
 

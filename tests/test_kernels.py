@@ -552,7 +552,7 @@ def test_auto_falls_back_to_reference_with_a_warning(isolated_loader: pytest.Mon
                                                      caplog: pytest.LogCaptureFixture) -> None:
     isolated_loader.setattr(kernels, "find_nvcc", lambda: None)
     _not_installed(isolated_loader, "_nlf_cpu")
-    isolated_loader.setattr(kernels, "_find_cxx", lambda: None)
+    isolated_loader.setattr(nativebuild, "find_cxx", lambda: None)
     with pytest.raises(KernelError, match="C\\+\\+ kernel unavailable.*compiler"):
         kernels.get_kernel("cpu")
     with caplog.at_level(logging.WARNING, logger="hevc_ext.kernels"):
@@ -565,7 +565,7 @@ def test_auto_falls_back_to_reference_with_a_warning(isolated_loader: pytest.Mon
 
 
 def test_cpu_kernel_built_at_first_use(isolated_loader: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    if kernels._find_cxx() is None or kernels.kernel_sources() is None:
+    if nativebuild.find_cxx() is None or kernels.kernel_sources() is None:
         pytest.skip("no C++ compiler or kernel sources")
     _not_installed(isolated_loader, "_nlf_cpu")
     isolated_loader.setattr(kernels, "CPU_FLAGS", ("-O1",) + kernels.CPU_FLAGS[1:])  # a quicker build
@@ -580,7 +580,7 @@ def test_compiler_failure_is_reported(isolated_loader: pytest.MonkeyPatch) -> No
     if kernels.kernel_sources() is None:
         pytest.skip("no kernel sources")
     _not_installed(isolated_loader, "_nlf_cpu")
-    isolated_loader.setattr(kernels, "_find_cxx", lambda: "/bin/false")
+    isolated_loader.setattr(nativebuild, "find_cxx", lambda: "/bin/false")
     with pytest.raises(KernelError, match="compiler failed"):
         kernels.get_kernel("cpu")
 
@@ -642,7 +642,6 @@ def test_one_loading_policy_for_every_native_library(which: str, isolated_loader
     _, spec, get = next(t for t in _native_libraries() if t[0] == which)
     isolated_loader.delenv("HEVC_NLF_TRAIN_LIB", raising=False)
     trainkernel._reset_for_tests()
-    isolated_loader.setattr(kernels, "_find_cxx", lambda: "/opt/fake/c++")
     isolated_loader.setattr(nativebuild, "find_cxx", lambda: "/opt/fake/c++")
     isolated_loader.setattr(kernels, "find_nvcc", lambda: "/opt/fake/nvcc")
     built: list[tuple[str, str]] = []
@@ -676,7 +675,6 @@ def test_one_loading_policy_for_every_native_library(which: str, isolated_loader
         kernels._reset_for_tests()
         trainkernel._reset_for_tests()
         isolated_loader.setattr(nativebuild, "prebuilt_library", lambda stem, env: None)
-        isolated_loader.setattr(kernels, "_find_cxx", lambda: None)
         isolated_loader.setattr(nativebuild, "find_cxx", lambda: None)
         isolated_loader.setattr(kernels, "find_nvcc", lambda: None)
         neither = f"not built at install time .*{spec.env_var} unset.*no {re.escape(spec.compiler_name)} to build it"
@@ -712,7 +710,6 @@ def test_info_reports_kernels_and_training_engine(isolated_loader: pytest.Monkey
         trainkernel._reset_for_tests()
         isolated_loader.setattr(nativebuild, "prebuilt_library", lambda stem, env: None)
         isolated_loader.setattr(nativebuild, "find_cxx", lambda: None)
-        isolated_loader.setattr(kernels, "_find_cxx", lambda: None)
         assert main(["info"]) == 0
         out = capsys.readouterr().out
         kernel_part, training_part = out.split("training engine (encoder):")
