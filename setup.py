@@ -33,8 +33,8 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 KERNEL_DIR = "kernels"
-KERNEL_FILES = ("filter_cpu.cpp", "filter_cuda.cu", "nlf_filter.h", "nlf_network_check.h", "train_cpu.cpp",
-                "nlf_train.h")
+KERNEL_FILES = ("filter_cpu.cpp", "filter_cuda.cu", "nlf_filter.h", "nlf_network_check.h", "nlf_cpu_features.h",
+                "train_cpu.cpp", "nlf_train.h")
 FLAGS = runpy.run_path(str(ROOT / "hevc_ext" / "buildflags.py"))  # shared with the first-use builders
 
 
@@ -111,7 +111,8 @@ class BuildPyWithKernelSources(build_py):
 cpu_kernel = Extension(
     "hevc_ext._nlf_cpu",
     sources=[f"{KERNEL_DIR}/filter_cpu.cpp"],
-    depends=[f"{KERNEL_DIR}/nlf_filter.h", f"{KERNEL_DIR}/nlf_network_check.h", f"{KERNEL_DIR}/filter_cuda.cu"],
+    depends=[f"{KERNEL_DIR}/nlf_filter.h", f"{KERNEL_DIR}/nlf_network_check.h", f"{KERNEL_DIR}/nlf_cpu_features.h",
+             f"{KERNEL_DIR}/filter_cuda.cu"],
     include_dirs=[KERNEL_DIR],
     language="c++",
     extra_compile_args=["-O3", "-g0", "-std=c++17", "-fvisibility=hidden", "-Wno-maybe-uninitialized"],
@@ -120,7 +121,7 @@ cpu_kernel = Extension(
 train_engine = Extension(
     "hevc_ext._nlf_train",
     sources=[f"{KERNEL_DIR}/train_cpu.cpp"],
-    depends=[f"{KERNEL_DIR}/nlf_train.h"],
+    depends=[f"{KERNEL_DIR}/nlf_train.h", f"{KERNEL_DIR}/nlf_cpu_features.h"],
     include_dirs=[KERNEL_DIR],
     language="c++",
     extra_compile_args=["-g0", *[f for f in FLAGS["TRAIN_FLAGS"] if f not in ("-shared", "-fPIC")]],

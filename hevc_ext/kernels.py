@@ -452,7 +452,7 @@ def _bind_cuda(lib: ctypes.CDLL) -> None:
 
 _CPU = nativebuild.NativeLibrary(
     what="C++ kernel", stem="_nlf_cpu", env_var="HEVC_NLF_CPU_LIB",
-    sources=("filter_cpu.cpp", "nlf_filter.h", "nlf_network_check.h"), bind=_bind_cpu,
+    sources=("filter_cpu.cpp", "nlf_filter.h", "nlf_network_check.h", "nlf_cpu_features.h"), bind=_bind_cpu,
     compiler_name="C++ compiler", compiler_hint="set $CXX or install g++ / clang++")
 _CUDA = nativebuild.NativeLibrary(
     what="CUDA kernel", stem="_nlf_cuda", env_var="HEVC_NLF_CUDA_LIB",

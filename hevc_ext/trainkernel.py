@@ -34,7 +34,7 @@ ABI_VERSION = 1
 ENGINE_NAMES = ("auto", "torch", "cpu")
 ISA_AUTO = -1
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}
-_SOURCES = ("train_cpu.cpp", "nlf_train.h")
+_SOURCES = ("train_cpu.cpp", "nlf_train.h", "nlf_cpu_features.h")
 
 # --------------------------------------------------------------------------------- C structures
 class _Layer(ctypes.Structure):

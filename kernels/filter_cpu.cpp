@@ -43,6 +43,7 @@
 #ifndef NLF_ISA_PASS  // ======================================================== common part
 
 #include "nlf_filter.h"
+#include "nlf_cpu_features.h"
 #include "nlf_network_check.h"
 
 #include <algorithm>
@@ -379,24 +380,12 @@ namespace nlf_avx512 {
 // ================================================================================= driver / ABI
 namespace nlf {
 
-static bool cpu_has(int isa) {
-    if (isa == NLF_ISA_SCALAR) return true;
-#if NLF_HAVE_SIMD
-    __builtin_cpu_init();
-    if (isa == NLF_ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (isa == NLF_ISA_AVX512)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-               __builtin_cpu_supports("avx512vnni");
-#endif
-    return false;
-}
+static_assert(NLF_ISA_SCALAR == nlf_cpu::LEVEL_PORTABLE && NLF_ISA_AVX2 == nlf_cpu::LEVEL_AVX2 &&
+              NLF_ISA_AVX512 == nlf_cpu::LEVEL_AVX512, "nlf_filter.h's ISA numbers are nlf_cpu_features.h's levels");
+constexpr int COMPILED_ISA = NLF_HAVE_SIMD ? NLF_ISA_AVX512 : NLF_ISA_SCALAR;
 
-static int best_isa() {
-    if (cpu_has(NLF_ISA_AVX512)) return NLF_ISA_AVX512;
-    if (cpu_has(NLF_ISA_AVX2)) return NLF_ISA_AVX2;
-    return NLF_ISA_SCALAR;
-}
+static bool cpu_has(int isa) { return isa <= COMPILED_ISA && nlf_cpu::has(isa, nlf_cpu::EXTRA_VNNI); }
+static int best_isa() { return nlf_cpu::best(nlf_cpu::EXTRA_VNNI, COMPILED_ISA); }
 
 static ItemFn item_fn(int isa, bool u16) {
     switch (isa) {

@@ -47,6 +47,7 @@
 #ifndef NLFT_ISA_PASS  // ====================================================== common part
 
 #include "nlf_train.h"
+#include "nlf_cpu_features.h"
 
 #include <algorithm>
 #include <atomic>
@@ -345,24 +346,12 @@ static void pack_target(const Ctx& C, int tid, int n) {
 // ================================================================================= driver / ABI
 namespace nlft {
 
-static bool cpu_has(int isa) {
-    if (isa == NLFT_ISA_GENERIC) return true;
-#if NLFT_MULTI_ISA
-    __builtin_cpu_init();
-    if (isa == NLFT_ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (isa == NLFT_ISA_AVX512)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-               __builtin_cpu_supports("fma");
-#endif
-    return false;
-}
+static_assert(NLFT_ISA_GENERIC == nlf_cpu::LEVEL_PORTABLE && NLFT_ISA_AVX2 == nlf_cpu::LEVEL_AVX2 &&
+              NLFT_ISA_AVX512 == nlf_cpu::LEVEL_AVX512, "nlf_train.h's ISA numbers are nlf_cpu_features.h's levels");
+constexpr int COMPILED_ISA = NLFT_MULTI_ISA ? NLFT_ISA_AVX512 : NLFT_ISA_GENERIC;
 
-static int best_isa() {
-    if (cpu_has(NLFT_ISA_AVX512)) return NLFT_ISA_AVX512;
-    if (cpu_has(NLFT_ISA_AVX2)) return NLFT_ISA_AVX2;
-    return NLFT_ISA_GENERIC;
-}
+static bool cpu_has(int isa) { return isa <= COMPILED_ISA && nlf_cpu::has(isa, nlf_cpu::EXTRA_FMA); }
+static int best_isa() { return nlf_cpu::best(nlf_cpu::EXTRA_FMA, COMPILED_ISA); }
 
 static Kernels kernels_for(int isa) {
     switch (isa) {

@@ -685,6 +685,33 @@ def test_one_loading_policy_for_every_native_library(which: str, isolated_loader
         trainkernel._reset_for_tests()
 
 
+def test_native_sources_list_every_header_they_include() -> None:
+    """Each library's source list holds every header its sources include (it keys the first-use build
+    cache: a header left out would not rebuild a stale library), and setup.py ships them all in the
+    package (``_kernels_src``) and in sdists."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    kernel_dir = root / "kernels"
+    if not (kernel_dir / "filter_cpu.cpp").is_file():
+        pytest.skip("not a source checkout")
+    setup_tree = ast.parse((root / "setup.py").read_text())
+    shipped = next(ast.literal_eval(node.value) for node in ast.walk(setup_tree) if isinstance(node, ast.Assign)
+                   and any(isinstance(t, ast.Name) and t.id == "KERNEL_FILES" for t in node.targets))
+    for name, spec, _ in _native_libraries():
+        included: set[str] = set()
+        todo = [spec.sources[0]]
+        while todo:
+            text = (kernel_dir / todo.pop()).read_text()
+            for header in re.findall(r'^\s*#\s*include\s+"([^"]+)"', text, flags=re.M):
+                if header not in included and header != spec.sources[0]:  # the .cpp includes itself per ISA
+                    included.add(header)
+                    todo.append(header)
+        assert included, name
+        assert included <= set(spec.sources[1:]), (name, included - set(spec.sources[1:]))
+        assert set(spec.sources) <= set(shipped), (name, set(spec.sources) - set(shipped))
+
+
 def test_info_reports_kernels_and_training_engine(isolated_loader: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """``hevc-nlf info`` says which filter kernel and which training engine are active, and why."""
