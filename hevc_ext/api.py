@@ -221,7 +221,7 @@ class Encoder:
                 c = self.config
                 self.header = StreamHeader(self.fmt.width, self.fmt.height, self.fmt.bitdepth, 0, self.fmt.fps,
                                            c.coding.mode, c.arch_y, c.arch_uv, c.hash_type,
-                                           picture_crc(self._recon[0].planes))
+                                           picture_crc(self._recon[0].planes, self.fmt.bitdepth))
             seg = Segment(s, start, end - start)
             # the GoPs after this one, for the low-delay credit of a network's later reuse: those left when
             # the end is known, else as many as the credit looks ahead (a stream is taken to go on)
@@ -357,7 +357,8 @@ class Decoder:
                         raise SideStreamError(f"{where}: a second side-stream header")
                     self.header = parse_header_payload(payload, f"{where}: header")
                     self._parser = RecordParser(self.header)
-                    self._filter = FrameFilter(SideStream(self.header, ()), get_kernel(self.kernel_name), self.origin)
+                    self._filter = FrameFilter(SideStream(self.header, ()), get_kernel(self.kernel_name), self.origin,
+                                               more_records=True)
                     continue
                 if self._parser is None:
                     raise SideStreamError(f"{where}: record before the side-stream header (the header SEI is "

@@ -100,10 +100,15 @@ class ParamEncoder:
 
 
 class ParamDecoder:
+    """Reads the symbols of one range-coded payload. :meth:`finish` accepts the payload only if it is
+    exactly what :class:`ParamEncoder` writes for the symbols read (no trailing or altered words)."""
+
     def __init__(self, data: bytes, what: str) -> None:
         if len(data) % 4:
             raise SideStreamError(f"{what}: coded parameters are not a whole number of 32-bit words")
         self.what = what
+        self._data = data
+        self._replay = ParamEncoder()  # the symbols read so far, coded again
         try:
             self._dec = constriction.stream.queue.RangeDecoder(np.frombuffer(data, "<u4").astype(np.uint32))
         except Exception as exc:  # constriction raises plain exceptions on invalid input
@@ -120,21 +125,30 @@ class ParamDecoder:
     def uniform(self, size: int) -> int:
         if size < 2:
             return 0
-        return int(self._guard(lambda: np.asarray(self._dec.decode(_model.Uniform(size)))))
+        value = int(self._guard(lambda: np.asarray(self._dec.decode(_model.Uniform(size)))))
+        self._replay.uniform(value, size)
+        return value
 
     def geometric(self, n: int, k: int, q: int) -> np.ndarray:
         if n == 0:
             return np.zeros(0, np.int64)
-        out = self._guard(lambda: np.asarray(self._dec.decode(_categorical(q, k), n)))
-        return out.astype(np.int64) - k
+        out = self._guard(lambda: np.asarray(self._dec.decode(_categorical(q, k), n))).astype(np.int64) - k
+        self._replay.geometric(out, k, q)
+        return out
 
     def tensor(self, n: int, k: int) -> np.ndarray:
         q = self.uniform(SHAPES)
         return self.geometric(n, k, q)
 
     def finish(self) -> None:
-        if not self._dec.maybe_exhausted():
-            raise SideStreamError(f"{self.what}: unused data after the coded parameters")
+        expected = self._replay.getvalue()
+        if self._data != expected:
+            extra = len(self._data) - len(expected)
+            detail = (f"{extra} bytes of unused data after the coded parameters" if extra > 0 and
+                      self._data.startswith(expected) else
+                      f"{len(self._data)} bytes, the coded symbols take {len(expected)}" if extra else
+                      "the words differ from the range coder's output for the symbols they decode to")
+            raise SideStreamError(f"{self.what}: coded parameters are not canonical ({detail})")
 
 
 def encode_network(net: QuantizedNetwork, prev: QuantizedNetwork | None = None) -> bytes:

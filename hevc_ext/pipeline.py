@@ -233,7 +233,7 @@ class _Measure:
     def run(self, intnet: IntNetwork | None) -> tuple[list[list[int]], bytes]:
         if intnet is None:
             return self.before, b""
-        h = PictureHash(self.hash_type)
+        h = PictureHash(self.hash_type, self.bitdepth)
         errs = []
         for i in self.segment.frames:
             out = self.kernel.filter_planes(_group_planes(self.recon[i], self.group), intnet, self.bitdepth)
@@ -331,7 +331,7 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
         result = backend.encode(src, coding, workdir, backend_progress)
         recon = result.recon
         header = StreamHeader(fmt.width, fmt.height, fmt.bitdepth, n, fmt.fps, coding.mode, config.arch_y,
-                              config.arch_uv, config.hash_type, picture_crc(recon[0].planes))
+                              config.arch_uv, config.hash_type, picture_crc(recon[0].planes, fmt.bitdepth))
         records: list[Record] = []
         decisions: dict[int, dict[Group, GroupDecision]] = {}
         states = {Group.Y: _GroupState(), Group.UV: _GroupState()}
@@ -590,8 +590,11 @@ class FrameFilter:
     :meth:`process`, call :meth:`finish` at the end.
     """
 
-    def __init__(self, side: SideStream | None, kernel: Any, origin: str, *, hash_in_thread: bool = False) -> None:
-        """``hash_in_thread``: hash each filtered picture in a worker thread (hashlib and zlib release the
+    def __init__(self, side: SideStream | None, kernel: Any, origin: str, *, hash_in_thread: bool = False,
+                 more_records: bool = False) -> None:
+        """``more_records``: ``side`` holds the records received so far, the caller appends the others to
+        :attr:`records` as they arrive (the streaming decoder); :meth:`finish` checks the coverage.
+        ``hash_in_thread``: hash each filtered picture in a worker thread (hashlib and zlib release the
         GIL) while the caller writes it and decodes the next one; only for callers that do not modify
         the returned pictures before the next :meth:`process` or :meth:`finish` call."""
         self.side, self.kernel, self.origin = side, kernel, origin
@@ -606,7 +609,7 @@ class FrameFilter:
         self._hasher: ThreadPoolExecutor | None = None
         self._in_flight: list[Future] = []
         if side is not None:
-            side.check_consistency()
+            side.check_consistency(complete=not more_records)
             for g in (Group.Y, Group.UV):
                 self.records[g] = side.records_by_group(g)
 
@@ -652,9 +655,10 @@ class FrameFilter:
         h = side.header
         if i == 0:
             check_stream_matches(h, frame.y.shape[1], frame.y.shape[0], bitdepth, self.origin)
-            if h.first_picture_crc is not None and picture_crc(frame.planes) != h.first_picture_crc:
+            crc = picture_crc(frame.planes, bitdepth) if h.first_picture_crc is not None else None
+            if crc is not None and crc != h.first_picture_crc:
                 raise MismatchError(f"{self.origin}: the first decoded picture does not match the side stream "
-                                    f"(CRC {picture_crc(frame.planes):08x}, expected {h.first_picture_crc:08x}): "
+                                    f"(CRC {crc:08x}, expected {h.first_picture_crc:08x}): "
                                     f"the side stream belongs to another encode, or the HEVC stream is damaged")
         planes = list(frame.planes)
         for group in (Group.Y, Group.UV):
@@ -667,7 +671,7 @@ class FrameFilter:
                     planes[idx] = p
                 if h.hash_type is not HashType.NONE:
                     if i == rec.first_frame:
-                        self._hash[group] = PictureHash(h.hash_type)
+                        self._hash[group] = PictureHash(h.hash_type, bitdepth)
                     hasher = self._hash[group]
                     hashed = self._hash_planes(hasher, out)  # type: ignore[arg-type]
                     if i == rec.first_frame + rec.frame_count - 1:
@@ -696,10 +700,10 @@ class FrameFilter:
         self._wait_hashing()
         self.close()
         if self.side is not None:
-            # the header's count (0 when it was written while streaming) and each group's records, which
-            # cover frames 0.. without a gap (check_consistency, or the streaming Decoder as they arrive)
+            # the header's count (0 when it was written while streaming) and what each group's records
+            # cover: frames 0.. without a gap (check_consistency, or the streaming Decoder as they arrive)
             counts = [self.side.header.frame_count] if self.side.header.frame_count else []
-            counts += [recs[-1].first_frame + recs[-1].frame_count for recs in self.records.values() if recs]
+            counts += [recs[-1].first_frame + recs[-1].frame_count if recs else 0 for recs in self.records.values()]
             for total in counts:
                 if self.index != total:
                     raise MismatchError(f"{self.origin}: the HEVC stream has {self.index} pictures, the side "

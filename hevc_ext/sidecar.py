@@ -84,21 +84,19 @@ def crc16(data: bytes) -> int:
     return binascii.crc_hqx(data, 0xFFFF)
 
 
-def picture_hasher(hash_type: HashType) -> "PictureHash":
-    return PictureHash(hash_type)
-
-
 class PictureHash:
-    """MD5 or CRC-32 over plane samples (uint8, or uint16 little-endian), in the order fed."""
+    """MD5 or CRC-32 over plane samples, in the order fed: one byte per sample at bit depth 8, two
+    (little-endian) at 9..16, whatever the arrays' dtype (docs/sidecar.md, ``output_hash``)."""
 
-    def __init__(self, hash_type: HashType) -> None:
+    def __init__(self, hash_type: HashType, bitdepth: int) -> None:
         self.hash_type = hash_type
+        self._dtype = np.dtype(np.uint8) if bitdepth == 8 else np.dtype("<u2")
         self._md5 = hashlib.md5() if hash_type is HashType.MD5 else None
         self._crc = 0
 
     def update(self, plane: np.ndarray) -> None:
         # the samples' bytes, without a copy when the plane is contiguous (hashlib and zlib read buffers)
-        samples = np.ascontiguousarray(plane, dtype=np.uint8 if plane.dtype == np.uint8 else "<u2")
+        samples = np.ascontiguousarray(plane, dtype=self._dtype)
         data = samples.reshape(-1).view(np.uint8)
         if self._md5 is not None:
             self._md5.update(data)
@@ -113,8 +111,9 @@ class PictureHash:
         return b""
 
 
-def picture_crc(planes: Iterable[np.ndarray]) -> int:
-    h = PictureHash(HashType.CRC32)
+def picture_crc(planes: Iterable[np.ndarray], bitdepth: int) -> int:
+    """``first_picture_crc``: CRC-32 of a picture's Y, U and V samples."""
+    h = PictureHash(HashType.CRC32, bitdepth)
     for p in planes:
         h.update(p)
     return int.from_bytes(h.digest(), "big")
@@ -354,8 +353,10 @@ class SideStream:
             raise SideStreamError(f"{origin}: no {what}")
         return cls(header, tuple(records))
 
-    def check_consistency(self) -> None:
-        """Records must cover frames in order without overlap, one per group and segment."""
+    def check_consistency(self, complete: bool = True) -> None:
+        """Each group's records must cover the pictures in order from 0, without gap or overlap, and (when
+        the header gives a picture count, and ``complete``: not a stream whose records are still to
+        come) all of them."""
         seen: dict[Group, int] = {Group.Y: 0, Group.UV: 0}
         for i, rec in enumerate(self.records):
             if rec.first_frame != seen[rec.group]:
@@ -363,9 +364,9 @@ class SideStream:
                                       f"expected {seen[rec.group]}")
             seen[rec.group] = rec.first_frame + rec.frame_count
         total = self.header.frame_count
-        if total:
+        if total and complete:
             for g, n in seen.items():
-                if n and n != total:
+                if n != total:
                     raise SideStreamError(f"{g.label} records cover {n} frames, header says {total}")
 
     def records_by_group(self, group: Group) -> list[Record]:

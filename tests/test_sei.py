@@ -82,7 +82,7 @@ def make_side_stream(recon: list[Frame], seg_len: int, mode: str = "ra") -> Side
     arch = Architecture(3, 4)
     kernel = get_kernel("reference")
     n = len(recon)
-    header = StreamHeader(W, H, 8, n, Fraction(25), mode, arch, arch, HashType.MD5, picture_crc(recon[0].planes))
+    header = StreamHeader(W, H, 8, n, Fraction(25), mode, arch, arch, HashType.MD5, picture_crc(recon[0].planes, 8))
     plans = {Group.Y: ["new", "diff", "off", "reuse"], Group.UV: ["new", "reuse", "diff", "off"]}
     records = []
     current = {g: None for g in Group}
@@ -104,7 +104,7 @@ def make_side_stream(recon: list[Frame], seg_len: int, mode: str = "ra") -> Side
             digest = b""
             if rtype is not RecordType.OFF:
                 intnet = derive(current[g], 8)
-                h = PictureHash(HashType.MD5)
+                h = PictureHash(HashType.MD5, 8)
                 for i in range(start, start + count):
                     for p in kernel.filter_planes(plane_group(recon[i], g), intnet, 8):
                         h.update(p)
@@ -185,6 +185,18 @@ def test_foreign_sei_is_left_alone():
     assert sei.strip(plain) == plain
     assert sei.extract(plain) == (plain, None)
     assert not sei.has_embedded(plain)
+
+
+def test_our_messages_are_read_among_other_sei_messages():
+    """A prefix SEI NAL unit may hold several messages (a tool that merged SEI NAL units): readers skip
+    the foreign ones and take ours in order (docs/sei.md, "Reading")."""
+    foreign = b"\x05\x14" + bytes(range(16)) + b"abcd"
+    ours = [sei.unescape(sei.sei_nal(c)[2:])[:-1] for c in (b"first", b"second")]  # messages without trailing bits
+    rbsp = foreign + ours[0] + b"\x04\x02xy" + ours[1] + b"\x80"  # also a registered-user-data message
+    nal = sei.NalUnit(b"\x00\x00\x01", b"\x4e\x01" + sei.escape(rbsp))
+    assert sei.our_contents(nal, "t") == [b"first", b"second"]
+    with pytest.raises(SideStreamError, match="hevc-nlf SEI NAL unit is damaged"):
+        sei.our_contents(sei.NalUnit(b"\x00\x00\x01", b"\x4e\x01" + sei.escape(rbsp[:-1] + b"\x81")), "t")
 
 
 # ------------------------------------------------------------------------------ NAL units, AUs, order

@@ -120,6 +120,79 @@ def test_malformed_streams_give_clear_errors():
         check_stream_matches(_header(), 64, 40, 8, "x.nlf")
 
 
+def test_coded_networks_must_be_canonical():
+    """A coded network is exactly the range coder's words for its symbols: a trailing word, or a changed
+    bit the range decoder would not notice, is rejected (docs/sidecar.md, "Coded network")."""
+    rng = np.random.default_rng(7)
+    cfg = QuantConfig(5, 8, 2)
+    net = random_qnet(rng, Group.Y, Packing(1, 2), Architecture(), cfg)
+    data = encode_network(net)
+    assert decode_network(data, Group.Y, Packing(1, 2), Architecture(), cfg).equals(net)
+    for tail in (b"\0" * 4, b"\x12\x34\x56\x78", b"\0" * 8):
+        with pytest.raises(SideStreamError, match=f"not canonical \\({len(tail)} bytes of unused data"):
+            decode_network(data + tail, Group.Y, Packing(1, 2), Architecture(), cfg)
+    undetected = 0  # low bits of the last word: the symbols still decode, the payload is not canonical
+    for bit in range(8):
+        changed = data[:-4] + bytes([data[-4] ^ (1 << bit)]) + data[-3:]
+        try:
+            decoded = decode_network(changed, Group.Y, Packing(1, 2), Architecture(), cfg)
+        except SideStreamError:
+            continue
+        undetected += decoded.equals(net)
+    assert undetected == 0
+    # ... in a record of a sidecar, too (record 2 is a NEW_DIFF one)
+    from hevc_ext.sidecar import frame_unit, iter_units
+
+    units = list(iter_units(_stream(rng).to_bytes()[len(MAGIC):], "x.nlf"))
+    units[3] = (units[3][0], units[3][1] + b"\0" * 4)
+    with pytest.raises(SideStreamError, match="record 2 .*not canonical"):
+        SideStream.from_bytes(MAGIC + b"".join(frame_unit(k, p) for k, p in units))
+
+
+def test_each_group_must_cover_every_picture():
+    """A group without records is an error, not "unfiltered" (that is what OFF records say): in a side
+    stream that gives its picture count, and, at the end, in one written while streaming (count 0)."""
+    from hevc_ext.kernels import get_kernel
+    from hevc_ext.pipeline import FrameFilter
+    from hevc_ext.yuv import Frame
+
+    stream = _stream(np.random.default_rng(3))
+    uv_only = SideStream(stream.header, tuple(r for r in stream.records if r.group is Group.UV))
+    with pytest.raises(SideStreamError, match="y records cover 0 frames, header says 6"):
+        uv_only.check_consistency()
+    with pytest.raises(SideStreamError, match="y records cover 0 frames"):
+        SideStream.from_bytes(uv_only.to_bytes()).check_consistency()
+    # written while streaming: the count is unknown, the decoder checks what each group covered
+    off = (Record(RecordType.OFF, Group.UV, 0, 0, 2),)
+    streamed = SideStream(replace(stream.header, frame_count=0, first_picture_crc=None), off)
+    streamed.check_consistency()
+    f = FrameFilter(streamed, get_kernel("reference"), "x.nlf")
+    picture = Frame(np.zeros((48, 64), np.uint8), np.zeros((24, 32), np.uint8), np.zeros((24, 32), np.uint8))
+    for _ in range(2):
+        f.process(picture, 8)
+    with pytest.raises(MismatchError, match="the side stream describes 0"):
+        f.finish()
+
+
+def test_picture_hashes_depend_on_the_bit_depth_not_the_dtype():
+    """output_hash and first_picture_crc hash one byte per sample at 8 bits and two (little-endian) at
+    9..16, whatever array type holds the samples."""
+    from hevc_ext.sidecar import PictureHash, picture_crc
+
+    rng = np.random.default_rng(4)
+    planes8 = [rng.integers(0, 256, (6, 8), dtype=np.uint8) for _ in range(3)]
+    as16 = [p.astype(np.uint16) for p in planes8]
+    assert picture_crc(planes8, 8) == picture_crc(as16, 8)
+    import zlib
+    assert picture_crc(planes8, 8) == zlib.crc32(b"".join(p.tobytes() for p in planes8))
+    assert picture_crc(as16, 10) == zlib.crc32(b"".join(p.astype("<u2").tobytes() for p in as16))
+    a, b = PictureHash(HashType.MD5, 8), PictureHash(HashType.MD5, 8)
+    for p, q in zip(planes8, as16):
+        a.update(p)
+        b.update(q)
+    assert a.digest() == b.digest()
+
+
 def test_writer_refuses_what_the_reader_would_reject():
     """Each ue(v) field with a range: the largest value round-trips, one more is refused when writing."""
     s = _stream(np.random.default_rng(2))
