@@ -18,25 +18,38 @@ from .yuv import Frame, VideoFormat
 _PIX_BITDEPTH = {"yuv420p": 8, "yuvj420p": 8, "yuv420p10le": 10, "yuv420p12le": 12}
 
 
+def _dtype(bitdepth: int) -> np.dtype:
+    return np.dtype(np.uint8) if bitdepth == 8 else np.dtype("<u2")
+
+
 def frame_to_planes(frame: "av.VideoFrame") -> Frame:
+    """The Y, U, V planes of a decoded 4:2:0 picture (copies; av's ``to_ndarray`` has no 12-bit
+    conversion, so the planes are read directly, rows ``line_size`` bytes apart)."""
     name = frame.format.name
     if name not in _PIX_BITDEPTH:
         raise InputFormatError(f"decoded pictures are {name}; only 4:2:0 (8/10/12-bit) is supported")
-    w, h = frame.width, frame.height
-    flat = frame.to_ndarray().reshape(-1)
-    cw, ch = w // 2, h // 2
-    y = flat[: w * h].reshape(h, w)
-    u = flat[w * h: w * h + cw * ch].reshape(ch, cw)
-    v = flat[w * h + cw * ch: w * h + 2 * cw * ch].reshape(ch, cw)
-    return Frame(y, u, v)
+    dtype = _dtype(_PIX_BITDEPTH[name])
+    out = []
+    for plane in frame.planes:
+        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+        out.append(rows[:, :plane.width * dtype.itemsize].view(dtype).astype(dtype.newbyteorder("=")))
+    return Frame(*out)
 
 
 def planes_to_frame(frame: Frame, bitdepth: int) -> "av.VideoFrame":
+    """An av picture of ``frame``'s planes (written directly: av's ``from_ndarray`` has no 12-bit
+    conversion)."""
     h, w = frame.y.shape
-    fmt = "yuv420p" if bitdepth == 8 else "yuv420p10le" if bitdepth == 10 else "yuv420p12le"
-    dtype = np.uint8 if bitdepth == 8 else np.uint16
-    flat = np.concatenate([np.asarray(p, dtype).reshape(-1) for p in frame.planes])
-    return av.VideoFrame.from_ndarray(flat.reshape(-1, w), format=fmt)
+    vf = av.VideoFrame(w, h, pixel_format(bitdepth))
+    dtype = _dtype(bitdepth)
+    for plane, samples in zip(vf.planes, frame.planes):
+        data = np.ascontiguousarray(samples, dtype).view(np.uint8)
+        if plane.line_size != data.shape[1]:  # rows padded for alignment
+            padded = np.zeros((plane.height, plane.line_size), np.uint8)
+            padded[:, :data.shape[1]] = data
+            data = padded
+        plane.update(data)
+    return vf
 
 
 def pixel_format(bitdepth: int) -> str:

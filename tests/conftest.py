@@ -51,7 +51,7 @@ def make_clip(tmp_path: Path):
 
     def _make(n: int = 6, width: int = 64, height: int = 48, fps: int = 30, bitdepth: int = 8,
               seed: int = 0, name: str = "Synth") -> Path:
-        suffix = "_10bit" if bitdepth == 10 else ""
+        suffix = f"_{bitdepth}bit" if bitdepth > 8 else ""
         path = tmp_path / f"{name}_{width}x{height}_{fps}{suffix}.yuv"
         synthetic_frames(n, width, height, bitdepth, seed).tofile(path)
         return path
