@@ -38,6 +38,7 @@ import numbers
 import os
 import platform
 import re
+import signal
 import tempfile
 import time
 import traceback
@@ -430,6 +431,52 @@ def _error_record(spec: JobSpec, exc: BaseException) -> dict[str, Any]:
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
 
 
+class _WorkerStop(BaseException):
+    """Raised in a pool worker by SIGTERM (the parent stopping it), to unwind its job."""
+
+
+_worker_busy = False
+
+
+def _worker_init() -> None:
+    """Pool workers leave Ctrl-C to the parent (which stops them) and turn SIGTERM into an exception, so
+    that a stopped job removes its temporary files on the way out."""
+
+    def stop(signum: int, frame: Any) -> None:
+        if not _worker_busy:
+            os._exit(128 + signum)
+        raise _WorkerStop()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _worker_call(runner: Callable[[JobSpec], dict[str, Any]], spec: JobSpec) -> dict[str, Any]:
+    global _worker_busy
+    _worker_busy = True
+    try:
+        return runner(spec)
+    except _WorkerStop:
+        os._exit(128 + signal.SIGTERM)  # after the job's clean-up, without reporting back
+    finally:
+        _worker_busy = False
+
+
+def _stop_workers(pool: cf.ProcessPoolExecutor, grace: float = 10.0) -> None:
+    """Interrupted: shut the pool down and stop its workers now (their jobs clean up and exit), instead
+    of letting them run their jobs to the end; one that does not stop within ``grace`` seconds is killed."""
+    procs = [p for p in (getattr(pool, "_processes", None) or {}).values() if p.is_alive()]  # before shutdown
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def run_jobs(specs: Sequence[JobSpec], results_dir: str | os.PathLike[str], *, jobs: int = 1,
              runner: Callable[[JobSpec], dict[str, Any]] = run_job,
              progress: Callable[[JobEvent], None] | None = None, force: bool = False) -> RunOutcome:
@@ -510,10 +557,10 @@ def run_jobs(specs: Sequence[JobSpec], results_dir: str | os.PathLike[str], *, j
                 finish(spec, res, None, time.perf_counter() - t)
     else:
         ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
-        pool = cf.ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx)
+        pool = cf.ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx, initializer=_worker_init)
         try:
             started = time.perf_counter()
-            futures = {pool.submit(runner, spec): spec for spec in pending}
+            futures = {pool.submit(_worker_call, runner, spec): spec for spec in pending}
             for fut in cf.as_completed(futures):
                 spec = futures[fut]
                 try:
@@ -523,8 +570,8 @@ def run_jobs(specs: Sequence[JobSpec], results_dir: str | os.PathLike[str], *, j
                 else:
                     secs = res.get("job_seconds") if isinstance(res, dict) else None
                     finish(spec, res, None, secs if secs is not None else time.perf_counter() - started)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException:  # interrupted: finished jobs are stored, running ones are stopped
+            _stop_workers(pool)
             raise
         else:
             pool.shutdown(wait=True)

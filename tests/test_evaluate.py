@@ -207,6 +207,58 @@ def _module_runner(s: ev.JobSpec) -> dict:
     return {"status": "ok", "spec_hash": s.spec_hash, "job_id": s.job_id, "threads": s.threads, "pid": os.getpid()}
 
 
+def _slow_runner(s: ev.JobSpec) -> dict:
+    """QP 22 finishes at once; the others work for a minute in a temporary folder (under $NLF_TEST_TMP)."""
+    import tempfile
+    import time
+
+    if s.qp == 22:
+        return _module_runner(s)
+    with tempfile.TemporaryDirectory(dir=os.environ["NLF_TEST_TMP"]) as work:
+        Path(work, "busy").write_text(str(os.getpid()))
+        for _ in range(600):
+            time.sleep(0.1)
+    return _module_runner(s)
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_interrupted_pool_stops_its_workers_and_keeps_finished_jobs(tmp_path, monkeypatch, signum):
+    """Ctrl-C (or SIGTERM, which the CLI turns into the same exception) during a pooled run: the running
+    jobs stop at once and remove their temporary files, finished jobs stay stored for a resume."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    from hevc_ext.cli import _raise_terminated, _Terminated
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("NLF_TEST_TMP", str(work))
+    sig = getattr(signal, signum)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    specs = [spec(qp=q) for q in QPS]
+
+    def interrupt_when_busy() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(work.glob("*/busy"))) < 2:
+            time.sleep(0.05)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=interrupt_when_busy, daemon=True).start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(_Terminated if signum == "SIGTERM" else KeyboardInterrupt):
+            ev.run_jobs(specs, tmp_path / "run", jobs=2, runner=_slow_runner)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert time.monotonic() - t0 < 45  # not the minute the running jobs would take
+    assert multiprocessing.active_children() == []
+    assert list(work.iterdir()) == []  # the stopped jobs removed their folders
+    assert [p.name for p in (tmp_path / "run" / "jobs").iterdir()] == ["Foo_ra_qp22.json"]
+
+
 # -------------------------------------------------------------------------------------- aggregation
 def test_bd_rate_known_values_and_class_average():
     rows = ([eval_row("S1", "D", "ra", i, 0.9) for i in range(4)]

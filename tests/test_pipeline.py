@@ -171,6 +171,35 @@ def test_reuse_credit_options(make_clip, tmp_path, capsys):
     assert list(tmp_path.glob("o.*")) == []
 
 
+@pytest.mark.parametrize("signame,code,said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_cli_stopped_encode_leaves_nothing_behind(make_clip, tmp_path, signame, code, said):
+    """Ctrl-C and SIGTERM (kill, timeout) stop an encode the same way: a one-line message, exit 128 + the
+    signal, no output files and no temporary folder left."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    clip = make_clip(n=4)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "hevc_ext.cli", "encode", str(clip), "-o", str(tmp_path / "out"),
+                             "--iterations", "100000", "-q"], env=dict(os.environ, TMPDIR=str(tmp)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(tmp.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # into the encode or the training
+        proc.send_signal(getattr(signal, signame))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert err.decode().strip().splitlines()[-1] == f"hevc-nlf: {said}"
+    assert list(tmp.iterdir()) == [] and list(tmp_path.glob("out*")) == []
+
+
 @pytest.mark.parametrize("bitdepth", [10, 12])
 def test_high_bit_depth_roundtrip(make_clip, tmp_path, bitdepth):
     """10- and 12-bit (av has no numpy conversion for 12-bit pictures: planes are copied directly)."""
