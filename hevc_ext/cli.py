@@ -232,7 +232,8 @@ def _print_encode_summary(report: Any) -> None:
               + ", ".join(parts)
               + f"; ΔPSNR {pa['y'] - pb['y']:+.3f}/{pa['u'] - pb['u']:+.3f}/{pa['v'] - pb['v']:+.3f}")
     if d.get("outputs"):
-        print(f"  wrote {d['outputs']['hevc']} and {d['outputs']['side']}")
+        side = "its side stream in-band (SEI)" if d.get("embedded") else d["outputs"]["side"]
+        print(f"  wrote {d['outputs']['hevc']} and {side}")
     for c in d.get("commands", []):
         print(f"  backend command: {c}")
 
@@ -254,16 +255,18 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if sidecar is not None and args.sidecar is None:
         log.info("side stream %s (found next to the stream; --no-sidecar decodes without it)", sidecar)
     try:
-        rep = decode(args.stream, args.output, sidecar, kernel=args.kernel, progress=progress, fps=args.fps)
+        rep = decode(args.stream, args.output, sidecar, kernel=args.kernel, progress=progress, fps=args.fps,
+                     side_path_found=args.sidecar is None)
     finally:
         progress.close()
     info = {"frames": rep.frames, "width": rep.width, "height": rep.height, "bitdepth": rep.bitdepth,
             "records_applied": rep.filtered_records, "records_verified": rep.verified_records,
-            "kernel": rep.kernel, "sidecar": sidecar, "seconds": round(rep.seconds, 3), "output": args.output}
+            "kernel": rep.kernel, "sidecar": sidecar if rep.side_stream == sidecar else None,
+            "side_stream": rep.side_stream or None, "seconds": round(rep.seconds, 3), "output": args.output}
     if args.json:
         (sys.stderr if args.output == "-" else sys.stdout).write(json.dumps(info, indent=2) + "\n")
     elif args.output != "-":
-        side = f"side stream {sidecar}" if sidecar else "no sidecar"
+        side = f"side stream {rep.side_stream}" if rep.side_stream else "no side stream"
         print(f"decoded {rep.frames} pictures {rep.width}x{rep.height} {rep.bitdepth}-bit with the {rep.kernel} "
               f"kernel ({side}); {rep.verified_records} records verified; wrote {args.output} ({rep.seconds:.2f} s)")
     return 0

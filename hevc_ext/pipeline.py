@@ -280,7 +280,8 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
            fps: str | None = None, bitdepth: int | None = None, progress: ProgressFn | None = None,
            source: VideoSource | None = None) -> EncodeReport:
     """Encode ``input_path`` and write ``output_base``.hevc and, unless ``config.embed`` carries the side
-    stream as SEI inside it, ``output_base``.nlf (nothing is written when ``output_base`` is None)."""
+    stream as SEI inside it, ``output_base``.nlf (nothing is written when ``output_base`` is None). An
+    embedding encode removes an ``output_base``.nlf left by an earlier encode (with a warning)."""
     t0 = time.perf_counter()
     try:
         from .train import TrainConfig  # torch is needed from here on
@@ -363,6 +364,11 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
                     with open(result.bitstream, "rb") as inp:
                         shutil.copyfileobj(inp, handles[0])
                     handles[1].write(side_bytes)
+            stale = Path(str(output_base) + ".nlf")
+            if embedded is not None and stale.is_file():  # of an earlier encode, whose BASE.hevc is gone now
+                stale.unlink()
+                log.warning("removed %s, the side stream of an earlier encode to the same name (this stream "
+                            "carries its records inside)", stale)
         report = _report(fmt, coding, config, result, segments, decisions,
                          len(side_bytes) if embedded is None else len(embedded) - hevc_bytes, hevc_bytes,
                          time.perf_counter() - t0, train_seconds, kernel.name, output_base)
@@ -576,6 +582,11 @@ class DecodeReport:
     width: int = 0
     height: int = 0
     bitdepth: int = 0
+    side_stream: str = ""  # what was applied: the sidecar's path, EMBEDDED, or "" (none)
+
+
+#: DecodeReport.side_stream when the records came from SEI messages in the stream
+EMBEDDED = "embedded SEI"
 
 
 def _update_hash(hasher: PictureHash, planes: list[np.ndarray]) -> None:
@@ -720,9 +731,15 @@ def read_side_stream(path: str) -> SideStream:
 
 
 def decode(stream_path: str, output: str, side_path: str | None = None, *, kernel: str = "auto",
-           y4m: bool | None = None, progress: ProgressFn | None = None, fps: Any = None) -> DecodeReport:
+           y4m: bool | None = None, progress: ProgressFn | None = None, fps: Any = None,
+           side_path_found: bool = False) -> DecodeReport:
     """Decode ``stream_path`` (+ side stream) to ``output`` (.yuv, .y4m or ``-`` for Y4M on stdout; an
-    existing device such as /dev/null is written as raw YUV unless ``y4m``)."""
+    existing device such as /dev/null is written as raw YUV unless ``y4m``).
+
+    The side stream is ``side_path`` if given, else the records embedded in the stream, if any.
+    ``side_path_found``: ``side_path`` was not named by the user but found beside the stream; then a
+    stream with records of its own keeps them and the file is ignored, with a warning (it is left over
+    from another encode to the same name)."""
     from fractions import Fraction
 
     from .kernels import get_kernel
@@ -744,6 +761,13 @@ def decode(stream_path: str, output: str, side_path: str | None = None, *, kerne
     from .sei import extract, strip
 
     raw = read_annexb(stream_path)  # .hevc or any container av demuxes
+    if side is not None and side_path_found:
+        from .sei import has_embedded
+
+        if has_embedded(raw):
+            log.warning("%s: ignoring %s found beside it: the stream carries its own side stream (SEI); "
+                        "--sidecar %s applies the file instead", stream_path, side_path, side_path)
+            side, side_path = None, None
     stream_data, embedded = (strip(raw, stream_path), None) if side is not None else extract(raw, stream_path)
     side = side if side is not None else embedded  # in-band SEI records (docs/sei.md), if any
     k = get_kernel(kernel)
@@ -771,4 +795,4 @@ def decode(stream_path: str, output: str, side_path: str | None = None, *, kerne
             raise InputFormatError(f"{stream_path}: no pictures decoded (not an HEVC elementary stream?)")
         filt.finish()
     return DecodeReport(filt.index, filt.filtered, filt.verified, time.perf_counter() - t0, k.name,
-                        fmt.width, fmt.height, fmt.bitdepth)
+                        fmt.width, fmt.height, fmt.bitdepth, side_path or (EMBEDDED if side is not None else ""))

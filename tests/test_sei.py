@@ -442,3 +442,41 @@ def test_encode_embed_reports_the_real_file_size(tmp_path, capsys):
     assert (tmp_path / "x.nlf").read_bytes() == (tmp_path / "s.nlf").read_bytes()
     assert len(sei.strip((tmp_path / "e.hevc").read_bytes())) == rep["hevc_bytes"]
     # (x265 through av is not bit-exact between runs here, so the two plain streams are not compared)
+
+
+def test_embedding_encode_replaces_an_earlier_sidecar(tmp_path, capsys, caplog):
+    """`encode --embed -o BASE` over an earlier `encode -o BASE` removes the stale BASE.nlf; and a
+    decode that finds a .nlf beside a stream with records of its own keeps the stream's records, while a
+    named --sidecar still wins."""
+    import json
+    import logging
+
+    from hevc_ext.cli import main
+    from hevc_ext.yuv import VideoWriter
+
+    fmt = VideoFormat(W, H, Fraction(25), 8)
+    with open(tmp_path / "clip.y4m", "wb") as f:
+        w = VideoWriter(f, fmt, y4m=True)
+        for fr in synthetic_frames(6):
+            w.write(fr)
+    common = [str(tmp_path / "clip.y4m"), "--intra-period", "4", "--no-filter", "--kernel", "reference"]
+    assert main(["encode", *common, "-o", str(tmp_path / "other"), "--qp", "38", "-q"]) == 0  # another encode
+    assert main(["encode", *common, "-o", str(tmp_path / "b"), "-q"]) == 0
+    assert (tmp_path / "b.nlf").is_file()
+    with caplog.at_level(logging.WARNING, logger="hevc_ext"):
+        assert main(["encode", *common, "-o", str(tmp_path / "b"), "--embed", "--qp", "30"]) == 0
+    assert not (tmp_path / "b.nlf").exists()
+    assert any("removed" in r.getMessage() and "b.nlf" in r.getMessage() for r in caplog.records)
+    # a left-over file beside the stream (here: another encode's) is ignored in favour of the embedded records
+    (tmp_path / "b.nlf").write_bytes((tmp_path / "other.nlf").read_bytes())
+    capsys.readouterr()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hevc_ext"):
+        assert main(["decode", str(tmp_path / "b.hevc"), "-o", str(tmp_path / "d.yuv"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["side_stream"] == "embedded SEI" and rep["sidecar"] is None and rep["frames"] == 6
+    assert any("ignoring" in r.getMessage() for r in caplog.records)
+    # named, the file is applied (and here rejected: it belongs to another encode)
+    assert main(["decode", str(tmp_path / "b.hevc"), "--sidecar", str(tmp_path / "b.nlf"), "-o",
+                 str(tmp_path / "e.yuv"), "-q"]) == 1
+    assert "another encode" in capsys.readouterr().err
