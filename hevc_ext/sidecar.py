@@ -22,6 +22,7 @@ from .entropy import decode_network, encode_network
 from .errors import MismatchError, SideStreamError, UsageError
 from .quant import QuantConfig, QuantizedNetwork
 from .syntax import BitReader, BitWriter
+from .yuv import MAX_FPS_TERM  # fps_num, fps_den (each >= 1)
 
 MAGIC = b"HNLF"
 VERSION = 1
@@ -122,7 +123,6 @@ def picture_crc(planes: Iterable[np.ndarray], bitdepth: int) -> int:
 # ------------------------------------------------------------------------------------------ limits
 # value ranges of the ue(v) fields (docs/sidecar.md); the writer refuses what the reader would reject
 MAX_FRAME_COUNT = 1 << 24  # frame_count, segment_index, first_frame
-MAX_FPS_TERM = 1 << 20  # fps_num, fps_den (each >= 1)
 MAX_COUNT_MINUS1 = 1 << 16  # frame_count_minus1 of a record
 
 

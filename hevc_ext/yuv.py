@@ -94,7 +94,12 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+#: the largest numerator and denominator of a frame rate (what the side stream's header can code)
+MAX_FPS_TERM = 1 << 20
+
+
 def parse_fps(text: str | float | Fraction) -> Fraction:
+    """A frame rate from ``"25"``, ``"29.97"`` (to within 1/1001), ``"30000:1001"`` or a number."""
     try:
         if isinstance(text, str) and ":" in text:
             num, den = text.split(":")
@@ -105,6 +110,9 @@ def parse_fps(text: str | float | Fraction) -> Fraction:
         raise UsageError(f"invalid frame rate {text!r}") from None
     if fps <= 0:
         raise UsageError(f"invalid frame rate {text!r}")
+    if fps.numerator > MAX_FPS_TERM or fps.denominator > MAX_FPS_TERM:
+        raise UsageError(f"frame rate {text!r} is out of range: numerator and denominator must be at most "
+                         f"{MAX_FPS_TERM} (the side stream codes them so)")
     return fps
 
 

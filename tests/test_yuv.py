@@ -120,3 +120,20 @@ def test_frame_writer_accepts_planes(tmp_path):
                                                  np.ones((1, 2), np.uint16)))
     assert len(buf.getvalue()) == fmt.frame_bytes == 24
     assert buf.getvalue()[:2] == b"\xff\x03"  # little-endian 10-bit samples
+
+
+def test_frame_rates_are_limited_to_what_the_side_stream_codes():
+    """--fps (encode, decode) and rates in file names: numerator and denominator up to 2^20 each, so an
+    absurd rate is a usage error up front, not an overflow in the encoder or a 300-digit Y4M header."""
+    from fractions import Fraction
+
+    from hevc_ext.yuv import MAX_FPS_TERM, parse_fps
+
+    assert parse_fps("30000:1001") == Fraction(30000, 1001) and parse_fps("29.97") == Fraction(2997, 100)
+    assert parse_fps(str(MAX_FPS_TERM)) == MAX_FPS_TERM
+    for bad in ("1e300", "99999999999999999999:1", str(MAX_FPS_TERM + 1), f"1:{MAX_FPS_TERM + 1}"):
+        with pytest.raises(UsageError, match="out of range"):
+            parse_fps(bad)
+    for bad in ("0", "-25", "x", "1:0"):
+        with pytest.raises(UsageError, match="invalid frame rate"):
+            parse_fps(bad)
