@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import BackendUnavailableError, UsageError
+from .files import check_output_folder
 
 log = logging.getLogger("hevc_ext.cli")
 
@@ -122,6 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .catalog import find_sequences
 
     out = Path(args.output)
+    check_output_folder(out, "the results", inputs=[args.sequences])
     classes = _list(args.classes, "classes") if args.classes else None
     modes = [m.lower() for m in _list(args.modes, "modes")]
     qps = _qps(args.qps)
@@ -206,6 +208,8 @@ def cmd_bdrate(args: argparse.Namespace) -> int:
 
     if len(args.runs) not in (1, 2):
         raise UsageError("bdrate: give one run (filter vs backend inside it) or two runs A B (B vs A)")
+    if args.output:
+        check_output_folder(args.output, "bdrate's tables")
     if len(args.runs) == 1:
         summary = ev.self_comparison(ev.load_run(args.runs[0]), method=args.method)
     else:

@@ -142,13 +142,19 @@ def _length_prefixed_to_annexb(data: bytes, length_size: int, origin: str) -> li
     return nals
 
 
+def _not_readable(origin: str, exc: "av.error.FFmpegError", expected: str) -> InputFormatError:
+    """av could not open ``origin``: say what was expected, with FFmpeg's reason (without its errno)."""
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return InputFormatError(f"{origin}: not {expected} (FFmpeg: {reason})")
+
+
 def demux_annexb(source: str | BinaryIO, origin: str | None = None) -> Iterator[bytes]:
     """The access units (Annex B, decoding order) of the HEVC video track of a container."""
     origin = origin or (source if isinstance(source, str) else "<input>")
     try:
         container = av.open(source)
     except av.error.FFmpegError as exc:
-        raise InputFormatError(f"{origin}: cannot open: {exc}") from None
+        raise _not_readable(origin, exc, "an HEVC elementary stream (Annex B) or a container with HEVC video") from None
     try:
         if not container.streams.video:
             raise InputFormatError(f"{origin}: no video track")
@@ -196,7 +202,7 @@ class AvSource(VideoSource):
         try:
             self._container = av.open(source)
         except av.error.FFmpegError as exc:
-            raise InputFormatError(f"{origin}: cannot open: {exc}") from None
+            raise _not_readable(origin, exc, "a video file FFmpeg can read") from None
         if not self._container.streams.video:
             self._container.close()
             raise InputFormatError(f"{origin}: no video track")

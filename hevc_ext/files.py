@@ -85,6 +85,23 @@ def check_output(path: PathLike, inputs: Iterable[PathLike | None] = ()) -> None
             os.unlink(probe)
 
 
+def check_output_folder(path: PathLike, what: str, inputs: Iterable[PathLike | None] = ()) -> None:
+    """Raise unless ``path`` can be (or already is) a folder for ``what``; it must not be one of the
+    ``inputs`` folders (results written among the input clips)."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{path}: exists and is not a folder ({what} go into a folder)")
+    for source in inputs:
+        with contextlib.suppress(OSError):
+            if source is not None and target.exists() and os.path.samefile(source, target):
+                raise UsageError(f"{path}: is the input folder {source}; give {what} a folder of their own")
+    folder = target
+    while not folder.exists() and folder != folder.parent:  # the folders mkdir would create
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{path}: {folder} is not a folder")
+
+
 def _error(path: PathLike, exc: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write: {exc.strerror or exc}")
 

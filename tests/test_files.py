@@ -7,7 +7,7 @@ import os
 import pytest
 
 from hevc_ext.errors import InputFormatError, OutputError, UsageError
-from hevc_ext.files import atomic_output, atomic_outputs, check_input, check_output
+from hevc_ext.files import atomic_output, atomic_outputs, check_input, check_output, check_output_folder
 
 
 def test_check_input_names_the_problem(tmp_path):
@@ -96,3 +96,18 @@ def test_check_input_does_not_open_a_pipe(tmp_path):
         with open(fifo, "wb"):
             pass
     assert done.is_set()
+
+
+def test_check_output_folder_names_the_problem(tmp_path):
+    """eval's results folder and bdrate's -o: a file in the way, the input folder itself, or a file among
+    the parents are refused before any work."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(OutputError, match="file: exists and is not a folder \\(the results go into a folder\\)"):
+        check_output_folder(f, "the results")
+    with pytest.raises(UsageError, match="is the input folder"):
+        check_output_folder(tmp_path / ".", "the results", inputs=[tmp_path])
+    with pytest.raises(OutputError, match="is not a folder"):
+        check_output_folder(f / "sub", "the results")
+    check_output_folder(tmp_path / "new" / "deeper", "the results", inputs=[tmp_path])  # can be created
+    assert not (tmp_path / "new").exists()

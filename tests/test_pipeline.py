@@ -171,6 +171,17 @@ def test_reuse_credit_options(make_clip, tmp_path, capsys):
     assert list(tmp_path.glob("o.*")) == []
 
 
+def test_decode_names_what_an_unreadable_stream_should_be(tmp_path):
+    from hevc_ext.errors import InputFormatError
+
+    bad = tmp_path / "noise.hevc"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(InputFormatError, match=r"noise.hevc: not an HEVC elementary stream \(Annex B\) or a container "
+                                               r"with HEVC video \(FFmpeg: Invalid data found when processing input\)$"):
+        decode(str(bad), str(tmp_path / "out.yuv"))
+    assert not (tmp_path / "out.yuv").exists()
+
+
 @pytest.mark.parametrize("signame,code,said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
 def test_cli_stopped_encode_leaves_nothing_behind(make_clip, tmp_path, signame, code, said):
     """Ctrl-C and SIGTERM (kill, timeout) stop an encode the same way: a one-line message, exit 128 + the
