@@ -698,8 +698,11 @@ def load_run(path: str | os.PathLike[str]) -> RunData:
         raise InputFormatError(f"{p}: no such file")
     try:
         text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputFormatError(f"{p}: cannot read: {exc}") from None
+    except UnicodeDecodeError:
+        raise InputFormatError(f"{p}: not a text file (expected an eval results.json or a CSV of rate and "
+                               f"PSNR rows)") from None
+    except OSError as exc:
+        raise InputFormatError(f"{p}: cannot read: {exc.strerror or exc}") from None
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)

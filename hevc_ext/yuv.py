@@ -164,10 +164,10 @@ def _parse_y4m_header(line: bytes, origin: str) -> VideoFormat:
     for tok in line.decode("ascii", "replace").split()[1:]:
         key, val = tok[0], tok[1:]
         try:
-            if key == "W":
-                w = int(val)
-            elif key == "H":
-                h = int(val)
+            if key in "WH":
+                if not val.isdigit():
+                    raise ValueError("expected a whole number of samples")
+                w, h = (int(val), h) if key == "W" else (w, int(val))
             elif key == "F":
                 fps = parse_fps(val)
             elif key == "C":
@@ -177,6 +177,8 @@ def _parse_y4m_header(line: bytes, origin: str) -> VideoFormat:
                 depth = _Y4M_COLORSPACES[val]
             elif key == "I" and val not in ("p", "?"):
                 raise InputFormatError(f"{origin}: interlaced Y4M (I{val}) is not supported")
+        except InputFormatError:
+            raise
         except (ValueError, UsageError) as exc:
             raise InputFormatError(f"{origin}: bad Y4M header field {tok!r}: {exc}") from None
     if w is None or h is None:
@@ -346,6 +348,8 @@ def open_video(path: str, size: str | None = None, fps: str | float | None = Non
 def _open_y4m_file(path: str, fps: str | float | None) -> VideoSource:
     with open(path, "rb") as f:
         header = f.readline(4096)
+        if not header:
+            raise InputFormatError(f"{path}: empty file (expected a Y4M stream)")
         if not header.endswith(b"\n"):
             raise InputFormatError(f"{path}: Y4M header line is not terminated")
         fmt = _parse_y4m_header(header.rstrip(b"\n"), path)

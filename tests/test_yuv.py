@@ -137,3 +137,19 @@ def test_frame_rates_are_limited_to_what_the_side_stream_codes():
     for bad in ("0", "-25", "x", "1:0"):
         with pytest.raises(UsageError, match="invalid frame rate"):
             parse_fps(bad)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "empty file (expected a Y4M stream)"),
+    (b"YUV4MPEG2 W64 H48 F25:1", "Y4M header line is not terminated"),
+    (b"YUV4MPEG2 Wabc H48\n", "bad Y4M header field 'Wabc': expected a whole number of samples"),
+    (b"YUV4MPEG2 W64 H48 C444\n", "Y4M colour space C444 is not supported (expected 4:2:0: C420, "),
+    (b"YUV4MPEG2 W64 H48 F1e300\n", "bad Y4M header field 'F1e300': frame rate '1e300' is out of range"),
+])
+def test_bad_y4m_headers_name_the_file_once_and_the_problem(tmp_path, content, message):
+    path = tmp_path / "bad.y4m"
+    path.write_bytes(content)
+    with pytest.raises(InputFormatError) as err:
+        open_video(str(path))
+    text = str(err.value)
+    assert text.startswith(f"{path}: {message}") and text.count(str(path)) == 1, text
