@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "write BASE.hevc and BASE.nlf (the side stream).")
     p.add_argument("input", help="raw .yuv (Name_WxH_fps.yuv), .y4m, or - (Y4M on stdin)")
     p.add_argument("-o", "--output", metavar="BASE",
-                   help="output base name; a trailing .hevc or .nlf is dropped (default: input name)")
+                   help="output base name; a trailing .hevc or .nlf is dropped (default: the input file's name "
+                        "without its suffix, in the current folder; stdin_nlf for -)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
     p.add_argument("--per-frame", action="store_true", help="include per-frame figures and candidates in --json")
     p.add_argument("--embed", action="store_true",

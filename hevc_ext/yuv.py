@@ -11,6 +11,7 @@ never leaves a half-written file behind (:mod:`hevc_ext.files`).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -23,6 +24,8 @@ import numpy as np
 
 from .errors import InputFormatError, TruncatedInputError, UsageError
 from .files import check_input
+
+log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"(?:^|[_\-.])(\d{2,5})x(\d{2,5})(?:_(\d+(?:\.\d+)?)(?:fps|hz)?)?(?=[_\-.]|$)", re.I)
 _BITDEPTH_RE = re.compile(r"[_\-.](8|9|10|12|16)b(?:it)?(?=[_\-.]|$)", re.I)
@@ -146,6 +149,12 @@ def resolve_format(path: str, size: str | None = None, fps: str | float | None =
     else:
         raise UsageError(f"{path}: cannot tell the frame rate; name the file Name_WxH_fps.yuv or pass --fps F")
     depth = bitdepth if bitdepth is not None else (guess[3] if guess and guess[3] else 8)
+    if guess is not None:  # an option that contradicts the name is probably a mistake: say which wins
+        named = {"size": (f"{guess[0]}x{guess[1]}", f"{w}x{h}", size), "frame rate": (guess[2], rate, fps),
+                 "bit depth": (guess[3], depth, bitdepth)}
+        for what, (in_name, used, given) in named.items():
+            if given is not None and in_name is not None and in_name != used:
+                log.warning("%s: the %s given (%s) overrides the %s in the file name", path, what, used, in_name)
     return VideoFormat(w, h, rate, depth)
 
 

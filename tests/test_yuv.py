@@ -26,9 +26,18 @@ def test_format_from_name(name, expected):
     assert format_from_name(name) == expected
 
 
-def test_resolve_format_errors_and_overrides():
-    fmt = resolve_format("x_64x48_30.yuv", size="32x16", fps="25", bitdepth=10)
+def test_resolve_format_errors_and_overrides(caplog):
+    with caplog.at_level("WARNING", logger="hevc_ext.yuv"):
+        fmt = resolve_format("x_64x48_30.yuv", size="32x16", fps="25", bitdepth=10)
     assert (fmt.width, fmt.height, fmt.fps, fmt.bitdepth) == (32, 16, 25, 10)
+    # options that contradict the name win, with a warning each (the name gives no bit depth here)
+    assert [r.getMessage() for r in caplog.records] == [
+        "x_64x48_30.yuv: the size given (32x16) overrides the 64x48 in the file name",
+        "x_64x48_30.yuv: the frame rate given (25) overrides the 30 in the file name"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hevc_ext.yuv"):
+        resolve_format("x_64x48_30_10bit.yuv", size="64x48", fps="30", bitdepth=10)  # agreeing: silent
+    assert caplog.records == []
     with pytest.raises(UsageError, match="--size"):
         resolve_format("noname.yuv")
     with pytest.raises(UsageError, match="--fps"):
