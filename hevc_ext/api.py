@@ -19,7 +19,10 @@ unit that carries its records (the first one of the segment in decoding order) i
 with every packet after it. So a packet leaves at the latest about one segment (plus x265's
 lookahead) after its picture went in; with open-GOP random access, the leading pictures of a segment
 follow the next segment's intra picture in decoding order and wait for that segment's training too.
-The decoder adds no latency of its own beyond the HEVC decoder's reordering delay.
+The decoder holds one access unit (FFmpeg's parser knows an access unit is complete when the next one
+starts), and with byte input also the NAL unit in progress (complete at the next start code); beyond
+that, only the HEVC decoder's reordering delay. So in low delay, pushing whole :class:`Packet` s, a
+picture comes out when the next packet goes in.
 """
 
 from __future__ import annotations
@@ -139,12 +142,11 @@ class Encoder:
 
     # -- input
     def push(self, frame: Frame) -> list[Packet]:
+        """Encode one picture (a :class:`~hevc_ext.yuv.Frame` of integer planes in the encoder's format).
+        A frame that is not one raises :class:`UsageError` and is not counted: the stream goes on."""
         if self._flushed:
             raise UsageError("Encoder.push after flush")
-        planes = [np.array(p, dtype=self.fmt.dtype, copy=True) for p in frame.planes]
-        if planes[0].shape != (self.fmt.height, self.fmt.width):
-            raise UsageError(f"frame {self._src.count} is {planes[0].shape[1]}x{planes[0].shape[0]}, "
-                             f"the encoder was set up for {self.fmt.width}x{self.fmt.height}")
+        planes = self._checked_planes(frame)
         from .hevcdec import planes_to_frame
 
         index = self._src.count
@@ -154,6 +156,30 @@ class Encoder:
         self._take(self._encode(vf))
         self._train_ready()
         return self._release()
+
+    def _checked_planes(self, frame: Any) -> list[np.ndarray]:
+        """Copies of ``frame``'s Y, U, V planes in the encoder's sample type, after checking their shapes,
+        integer type and sample range (a float, negative or too large sample is refused, not wrapped)."""
+        index, f = self._src.count, self.fmt
+        planes = getattr(frame, "planes", None)
+        if planes is None or len(planes) != 3:
+            raise UsageError(f"frame {index}: expected a hevc_ext.yuv.Frame (Y, U, V planes), "
+                             f"got {type(frame).__name__}")
+        out = []
+        for name, plane, shape in zip("YUV", planes, [(f.height, f.width), f.chroma_shape, f.chroma_shape]):
+            a = np.asarray(plane)
+            if a.shape != shape:
+                raise UsageError(f"frame {index}: plane {name} has shape {a.shape}, expected {shape} "
+                                 f"(the encoder was set up for {f.describe()})")
+            if not np.issubdtype(a.dtype, np.integer):
+                raise UsageError(f"frame {index}: plane {name} holds {a.dtype} samples, expected integers "
+                                 f"0..{f.max_value} ({f.bitdepth}-bit)")
+            lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+            if lo < 0 or hi > f.max_value:
+                raise UsageError(f"frame {index}: plane {name} has samples {lo}..{hi}, outside 0..{f.max_value} "
+                                 f"({f.bitdepth}-bit)")
+            out.append(np.array(a, dtype=f.dtype, copy=True))
+        return out
 
     def flush(self) -> list[Packet]:
         if self._flushed:
@@ -299,6 +325,7 @@ class Decoder:
         self._seen_vcl = False
         self.header: StreamHeader | None = None
         self.frames_out = 0
+        self._flushed = False
 
     @property
     def bitdepth(self) -> int | None:
@@ -312,11 +339,21 @@ class Decoder:
     def verified_records(self) -> int:
         return self._filter.verified if self._filter is not None else 0
 
-    def push(self, data: bytes | Packet) -> list[Frame]:
-        chunk = data.data if isinstance(data, Packet) else bytes(data)
-        return self._handle(self._splitter.push(chunk))
+    def push(self, data: bytes | bytearray | memoryview | Packet) -> list[Frame]:
+        if self._flushed:
+            raise UsageError("Decoder.push after flush (a new stream needs a new Decoder)")
+        if isinstance(data, Packet):  # a whole access unit: its last NAL unit is complete too
+            return self._handle(self._splitter.push(data.data) + self._splitter.flush())
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            return self._handle(self._splitter.push(bytes(data)))
+        raise TypeError(f"Decoder.push takes bytes or a Packet, not {type(data).__name__}")
 
     def flush(self) -> list[Frame]:
+        """The pictures still held, at the end of the stream; then checks the records against the
+        pictures output. A second call returns nothing."""
+        if self._flushed:
+            return []
+        self._flushed = True
         out = self._handle(self._splitter.flush())
         out += self._output(self._hevc.flush())
         if self._filter is not None:

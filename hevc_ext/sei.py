@@ -512,31 +512,36 @@ def has_embedded(stream: bytes) -> bool:
 
 # --------------------------------------------------------------------------- streaming reading
 class NalSplitter:
-    """Incremental Annex-B splitter: push byte chunks, get the NAL units that are complete."""
+    """Incremental Annex-B splitter: push byte chunks, get the NAL units that are complete.
+
+    Work is linear in the bytes pushed, whatever the chunking: the buffer grows in place, and each push
+    searches only its new bytes for a start code (a NAL unit is complete when the next one starts)."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf searched: no start code in them but the unit's own, at its head
 
     def push(self, chunk: bytes) -> list[NalUnit]:
-        self._buf += bytes(chunk)
-        last = self._buf.rfind(b"\x00\x00\x01")
+        self._buf += chunk
+        last = self._buf.rfind(b"\x00\x00\x01", max(self._scanned - 2, 1))
+        self._scanned = len(self._buf)
         if last <= 0:
             return []
         # the NAL unit in front of the last start code is complete; keep the rest
         cut = last
         while cut > 0 and self._buf[cut - 1] == 0:
             cut -= 1
-        head, self._buf = self._buf[:cut], self._buf[cut:]
-        if not head.strip(b"\x00"):
-            self._buf = head + self._buf
+        if not self._buf[:cut].strip(b"\x00"):
             return []
+        head, self._buf = bytes(self._buf[:cut]), self._buf[cut:]
         nals, tail = split_nal_units(head, "stream")
         if tail:
-            self._buf = tail + self._buf
+            self._buf[:0] = tail
+        self._scanned = len(self._buf)
         return nals
 
     def flush(self) -> list[NalUnit]:
-        buf, self._buf = self._buf, b""
+        buf, self._buf, self._scanned = bytes(self._buf), bytearray(), 0
         if not buf.strip(b"\x00"):
             return []
         return split_nal_units(buf, "stream")[0]

@@ -480,3 +480,31 @@ def test_embedding_encode_replaces_an_earlier_sidecar(tmp_path, capsys, caplog):
     assert main(["decode", str(tmp_path / "b.hevc"), "--sidecar", str(tmp_path / "b.nlf"), "-o",
                  str(tmp_path / "e.yuv"), "-q"]) == 1
     assert "another encode" in capsys.readouterr().err
+
+
+def test_nal_splitter_agrees_with_the_whole_stream_split_at_any_chunking():
+    """The incremental splitter (which searches only each push's new bytes) gives the NAL units of
+    split_nal_units for 3- and 4-byte start codes, trailing zeros and runs of zeros inside units."""
+    rng = np.random.default_rng(11)
+    parts = []
+    for i in range(60):
+        body = rng.integers(0, 4, int(rng.integers(1, 400)), dtype=np.uint8).tobytes()
+        body = body.replace(b"\x00\x00\x00", b"\x00\x00\x03").replace(b"\x00\x00\x01", b"\x00\x00\x03")
+        body = body.replace(b"\x00\x00\x02", b"\x00\x00\x03")
+        parts.append((b"\x00" if i % 3 == 0 else b"") + b"\x00\x00\x01" + bytes([0x40 + 2 * (i % 20), 1]) + body.rstrip(b"\x00")
+                     + b"\x01" + b"\x00" * int(i % 4 == 1))
+    stream = b"".join(parts)
+    expected = [(n.prefix, n.data) for n in sei.split_nal_units(stream)[0]]
+    for chunk in (1, 2, 3, 5, 64, len(stream)):
+        s = sei.NalSplitter()
+        got = []
+        for i in range(0, len(stream), chunk):
+            got += s.push(stream[i:i + chunk])
+        got += s.flush()
+        assert [(n.prefix, n.data) for n in got] == expected, chunk
+    cuts = np.sort(rng.choice(np.arange(1, len(stream)), 40, replace=False))
+    s = sei.NalSplitter()
+    got = []
+    for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+        got += s.push(stream[a:b])
+    assert [(n.prefix, n.data) for n in got + s.flush()] == expected

@@ -146,6 +146,50 @@ def test_encoder_refuses_hm():
         Encoder(FMT, fast_config(codec="hm"))
 
 
+def test_encoder_refuses_a_bad_frame_and_goes_on():
+    """A frame of the wrong shape, type or range is refused with a message that names the problem and is
+    not counted: the stream still holds every good frame (it used to be lost at flush)."""
+    from hevc_ext import Encoder
+    from hevc_ext.errors import UsageError
+    from hevc_ext.yuv import Frame
+
+    good = list(synthetic_frames(4))
+    enc = Encoder(FMT, fast_config())
+    packets = enc.push(good[0])
+    ch, cw = FMT.chroma_shape
+    bad = [(Frame(good[1].y, np.zeros((ch, cw + 1), np.uint8), good[1].v), rf"plane U has shape \({ch}, {cw + 1}\), expected \({ch}, {cw}\) \(the encoder was set up for {W}x{H} "),
+           (Frame(good[1].y.astype(np.float32) / 255, good[1].u, good[1].v), "plane Y holds float32 samples, expected integers 0..255"),
+           (Frame(good[1].y.astype(np.uint16) * 4, good[1].u, good[1].v), "plane Y has samples .* outside 0..255"),
+           (Frame(good[1].y.astype(np.int16) - 300, good[1].u, good[1].v), "plane Y has samples -300..* outside"),
+           (good[1].planes, "expected a hevc_ext.yuv.Frame .* got tuple")]
+    for frame, message in bad:
+        with pytest.raises(UsageError, match="frame 1: " + message):
+            enc.push(frame)
+    for f in good[1:]:
+        packets += enc.push(f)
+    packets += enc.flush()
+    assert enc.flush() == []
+    pictures = frames_of(packets)
+    assert len(pictures) == 4
+    with pytest.raises(UsageError, match="after flush"):
+        enc.push(good[0])
+
+
+def test_decoder_lifecycle_and_input_types(embedded_clip):
+    from hevc_ext import Decoder
+    from hevc_ext.errors import UsageError
+
+    plain, side, embedded = embedded_clip
+    dec = Decoder(kernel="reference")
+    for bad in (5, [1, 2], "text"):
+        with pytest.raises(TypeError, match="bytes or a Packet"):
+            dec.push(bad)
+    out = dec.push(bytearray(embedded)) + dec.flush()
+    assert len(out) == 10 and dec.flush() == []  # a second flush: nothing more, no error
+    with pytest.raises(UsageError, match="push after flush"):
+        dec.push(embedded)
+
+
 # -------------------------------------------------------------------------------------------- decoder
 @pytest.mark.parametrize("chunk", [1, 7, 1000, 1 << 20])
 def test_decoder_any_chunking(embedded_clip, chunk):
