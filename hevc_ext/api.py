@@ -316,7 +316,7 @@ class Decoder:
         self.ignore_side_stream = ignore_side_stream
         self.origin = origin
         self._splitter = NalSplitter()
-        self._hevc = HevcDecoder()
+        self._hevc = HevcDecoder(origin)
         self._filter: Any = None
         self._parser: RecordParser | None = None
         self._next: dict[Group, int] = {Group.Y: 0, Group.UV: 0}

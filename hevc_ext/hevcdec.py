@@ -71,10 +71,16 @@ def _chunks(data: bytes | Path | str, size: int = 1 << 16) -> Iterator[bytes]:
             yield chunk
 
 
+def _decode_error(origin: str, exc: "av.error.FFmpegError") -> InputFormatError:
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return InputFormatError(f"{origin}: HEVC decoding failed (FFmpeg: {reason}): the stream is damaged, or not HEVC")
+
+
 class HevcDecoder:
     """Push Annex-B bytes, get decoded pictures (display order). ``bitdepth`` is known after the first."""
 
-    def __init__(self) -> None:
+    def __init__(self, origin: str = "HEVC stream") -> None:
+        self.origin = origin  # named in errors
         self._codec = av.CodecContext.create("hevc", "r")
         self.bitdepth: int | None = None
         self.frames_out = 0
@@ -95,7 +101,7 @@ class HevcDecoder:
                 out += self._convert(self._codec.decode(packet))
             return out
         except av.error.FFmpegError as exc:
-            raise InputFormatError(f"HEVC decoding failed: {exc}") from None
+            raise _decode_error(self.origin, exc) from None
 
     def flush(self) -> list[Frame]:
         try:
@@ -105,12 +111,12 @@ class HevcDecoder:
             out += self._convert(self._codec.decode(None))
             return out
         except av.error.FFmpegError as exc:
-            raise InputFormatError(f"HEVC decoding failed: {exc}") from None
+            raise _decode_error(self.origin, exc) from None
 
 
 def decode_frames(data: bytes | Path | str | Iterable[bytes], decoder: HevcDecoder | None = None) -> Iterator[Frame]:
     """Decode an HEVC Annex-B elementary stream (bytes, a file, or an iterable of byte chunks)."""
-    dec = decoder if decoder is not None else HevcDecoder()
+    dec = decoder if decoder is not None else HevcDecoder(str(data) if isinstance(data, (Path, str)) else "HEVC stream")
     chunks = data if not isinstance(data, (bytes, bytearray, memoryview, Path, str)) else _chunks(data)
     for chunk in chunks:
         yield from dec.push(chunk)

@@ -777,7 +777,7 @@ def decode(stream_path: str, output: str, side_path: str | None = None, *, kerne
     as_y4m = y4m if y4m is not None else (output == "-" or is_y4m_name(output))
     if rate is None:
         rate = side.header.fps if side else Fraction(25)
-    decoder = HevcDecoder()
+    decoder = HevcDecoder(stream_path)
     writer = None
     fmt = None
     with contextlib.closing(filt), atomic_output(output) as handle:

@@ -302,3 +302,19 @@ def test_transcode_real_clip_through_pipes(tmp_path):
                            "\"import sys; print(sys.stdin.buffer.read().count(b'FRAME'))\"",
                            shell=True, check=True, env=env, capture_output=True, text=True, timeout=600)
     assert int(count.stdout) == 4
+
+
+def test_decoder_errors_name_the_stream(embedded_clip):
+    """FFmpeg's failure on a stream cut inside its parameter sets: the stream's name and FFmpeg's reason,
+    without FFmpeg's errno and function names."""
+    from hevc_ext import Decoder
+    from hevc_ext.errors import InputFormatError
+
+    plain, side, embedded = embedded_clip
+    dec = Decoder(kernel="reference", origin="cut.hevc")
+    with pytest.raises(InputFormatError) as err:
+        dec.push(plain[:43])
+        dec.flush()
+    message = str(err.value)
+    assert message.startswith("cut.hevc: HEVC decoding failed (FFmpeg: ") and "Errno" not in message
+    assert message.endswith("the stream is damaged, or not HEVC")

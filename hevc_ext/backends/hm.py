@@ -306,7 +306,7 @@ def compare_with_av(bitstream: str | os.PathLike, recon: VideoSource) -> tuple[b
     """Decode ``bitstream`` with av and compare every picture with ``recon`` sample by sample.
 
     Returns (identical, pictures decoded, a sentence)."""
-    dec = HevcDecoder()
+    dec = HevcDecoder(str(bitstream))
     count = 0
     for i, frame in enumerate(decode_frames(Path(bitstream), dec)):
         count += 1

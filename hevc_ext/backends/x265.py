@@ -100,7 +100,7 @@ class X265Backend(Backend):
         cc.framerate = fmt.fps
         cc.options = {"x265-params": params, "preset": self.preset}
         bits = [0] * n
-        decoder = HevcDecoder()
+        decoder = HevcDecoder(f"x265 stream {stream_path}")
         decoded = 0
         try:
             with open(stream_path, "wb") as out, open(recon_path, "wb") as rec:
