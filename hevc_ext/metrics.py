@@ -58,9 +58,16 @@ class PsnrAccumulator:
         return {p: float(np.mean([r[p] for r in rows])) for p in PLANES}
 
     def yuv_psnr(self) -> float:
-        """HM's combined YUV-PSNR: per-picture ``(6·Y + U + V) / 8``, averaged."""
-        rows = self.per_frame()
-        return float(np.mean([(6 * r["y"] + r["u"] + r["v"]) / 8 for r in rows])) if rows else float("nan")
+        """HM's SUMMARY YUV-PSNR: the PSNR of the mean squared error averaged over the pictures per plane
+        and weighted by the planes' sample counts (4:1:1 for 4:2:0; ``TEncAnalyze::calculateCombinedValues``)
+        — not a mean of per-picture values such as ``(6·Y + U + V) / 8``."""
+        if not self.frames:
+            return float("nan")
+        mse = [float(np.mean([f[c] / n for f in self.frames])) for c, n in enumerate(self.sizes)]
+        weights = [n / self.sizes[0] * 4 for n in self.sizes]  # 4, 1, 1 for 4:2:0
+        combined = sum(w * m for w, m in zip(weights, mse)) / sum(weights)
+        maxval = 255 << (self.bitdepth - 8)
+        return LOSSLESS_PSNR if combined == 0 else 10 * math.log10(maxval * maxval / combined)
 
 
 def kbps(bits: int, frames: int, fps: Fraction | float) -> float:

@@ -20,7 +20,7 @@ from hevc_ext import cli
 from hevc_ext.backends import CodingConfig
 from hevc_ext.backends import hm as hm_mod
 from hevc_ext.backends.hm import (HM_DIR_ENV, HMBackend, cfg_gop_size, compare_with_av, hevc_level,
-                                  hm_decode, hm_style_yuv_psnr)
+                                  hm_decode)
 from hevc_ext.errors import BackendError, BackendUnavailableError, UsageError
 from hevc_ext.hmlog import (display_order, display_order_bits, parse_decoder_log, parse_encoder_log,
                             parse_picture_line, parse_version)
@@ -150,15 +150,16 @@ def test_incomplete_log_and_bad_poc_sets():
         display_order_bits(pics, 2)
 
 
-def test_hm_style_yuv_psnr_matches_hm_summary():
+def test_yuv_psnr_matches_hm_summary():
     """HM's YUV-PSNR is the PSNR of the 4:1:1-weighted mean MSE, not a mean of per-picture values."""
     log = parse_encoder_log(fixture("hm16.17_ra_q37_3f.log"))
     w, h = 416, 240
     acc = PsnrAccumulator(8, (w * h, w * h // 4, w * h // 4))
     for p in display_order(log.pictures):  # SSE back from HM's 4-decimal PSNRs
         acc.add([round(n * 255 ** 2 / 10 ** (p.psnr[c] / 10)) for c, n in zip("yuv", acc.sizes)])
-    assert hm_style_yuv_psnr(acc) == pytest.approx(log.summary["all"].psnr["yuv"], abs=2e-4)
-    assert acc.yuv_psnr() != pytest.approx(log.summary["all"].psnr["yuv"], abs=2e-3)  # the other definition
+    assert acc.yuv_psnr() == pytest.approx(log.summary["all"].psnr["yuv"], abs=2e-4)
+    rows = acc.per_frame()  # the other definition, a mean of per-picture weighted values, is not HM's
+    assert np.mean([(6 * r["y"] + r["u"] + r["v"]) / 8 for r in rows]) != pytest.approx(log.summary["all"].psnr["yuv"], abs=2e-3)
 
 
 @pytest.mark.parametrize("w, h, fps, level", [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from hevc_ext.metrics import LOSSLESS_PSNR, PsnrAccumulator, psnr_from_sse
@@ -28,7 +30,7 @@ def test_psnr_lossless_plane():
     assert psnr_from_sse(0, 1000, 10) == LOSSLESS_PSNR
 
 
-def test_yuv_psnr_weights_luma_six_to_one_to_one():
+def test_yuv_psnr_is_hms_weighted_mean_error():
     # N = 10^5 samples per plane, 8-bit: SSE 6502500 → 30 dB, 650250 → 40 dB, 65025 → 50 dB
     acc = PsnrAccumulator(8, (100_000, 100_000, 100_000))
     acc.add([6502500, 650250, 65025])  # Y 30, U 40, V 50: (6·30 + 40 + 50) / 8 = 33.75
@@ -36,5 +38,12 @@ def test_yuv_psnr_weights_luma_six_to_one_to_one():
     frames = acc.per_frame()
     assert frames[0] == pytest.approx({"y": 30.0, "u": 40.0, "v": 50.0}, abs=1e-9)
     assert acc.mean() == pytest.approx({"y": 35.0, "u": 45.0, "v": 40.0}, abs=1e-9)
-    # the mean of the per-picture YUV-PSNRs: (33.75 + 40) / 2
-    assert acc.yuv_psnr() == pytest.approx(36.875, abs=1e-9)
+    # HM: the PSNR of the mean MSE per plane (Y 35.76375, U 3.576375, V 32.837625), weighted 4:1:1 for
+    # 4:2:0 planes of 4N, N, N samples; here all planes have N samples, so the weights are 1:1:1
+    assert acc.yuv_psnr() == pytest.approx(10 * math.log10(255 ** 2 / ((35.76375 + 3.576375 + 32.837625) / 3)), abs=1e-9)
+    acc420 = PsnrAccumulator(8, (400_000, 100_000, 100_000))
+    acc420.add([4 * 6502500, 650250, 65025])  # the same per-sample errors
+    acc420.add([4 * 650250, 65025, 6502500])
+    assert acc420.yuv_psnr() == pytest.approx(10 * math.log10(255 ** 2 / ((4 * 35.76375 + 3.576375 + 32.837625) / 6)),
+                                              abs=1e-9)
+    assert acc420.yuv_psnr() != pytest.approx((33.75 + 40) / 2, abs=0.1)  # not the mean of (6Y+U+V)/8

@@ -336,17 +336,6 @@ def _files_identical(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
 
 
 # --------------------------------------------------------------------------------- our own figures
-def hm_style_yuv_psnr(acc: PsnrAccumulator) -> float:
-    """HM's SUMMARY YUV-PSNR: the PSNR of the (4·Y + U + V)/6-weighted mean MSE over all pictures
-    (TEncAnalyze::calculateCombinedValues) — not the mean of per-picture (6Y+U+V)/8 values."""
-    if not acc.frames:
-        return float("nan")
-    mse = [np.mean([f[c] / acc.sizes[c] for f in acc.frames]) for c in range(3)]
-    combined = (4 * mse[0] + mse[1] + mse[2]) / 6
-    maxval = 255 << (acc.bitdepth - 8)
-    return 999.99 if combined == 0 else 10 * math.log10(maxval * maxval / combined)
-
-
 def _round(x: float | None, nd: int = 4) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), nd)
 
@@ -359,7 +348,7 @@ def compare_figures(hm: EncoderLog, acc: PsnrAccumulator, frame_bits: list[int],
     ours_psnr = acc.mean()
     per_frame = acc.per_frame()
     ours = {"frames": n, "file_bytes": file_bytes, "kbps": _round(kbps(8 * file_bytes, n, fps)),
-            **{f"psnr_{p}": _round(ours_psnr[p]) for p in PLANES}, "psnr_yuv": _round(hm_style_yuv_psnr(acc))}
+            **{f"psnr_{p}": _round(ours_psnr[p]) for p in PLANES}, "psnr_yuv": _round(acc.yuv_psnr())}
     row = hm.summary["all"]
     per_pic = [abs(p.psnr[c] - per_frame[p.poc][c]) for p in hm.pictures if p.psnr and 0 <= p.poc < n
                for c in PLANES if p.psnr.get(c) is not None]
