@@ -466,6 +466,7 @@ def _stop_workers(pool: cf.ProcessPoolExecutor, grace: float = 10.0) -> None:
     """Interrupted: shut the pool down and stop its workers now (their jobs clean up and exit), instead
     of letting them run their jobs to the end; one that does not stop within ``grace`` seconds is killed."""
     procs = [p for p in (getattr(pool, "_processes", None) or {}).values() if p.is_alive()]  # before shutdown
+    manager = getattr(pool, "_executor_manager_thread", None)  # it reaps the workers too
     pool.shutdown(wait=False, cancel_futures=True)
     for p in procs:
         p.terminate()
@@ -475,6 +476,8 @@ def _stop_workers(pool: cf.ProcessPoolExecutor, grace: float = 10.0) -> None:
         if p.is_alive():
             p.kill()
             p.join()
+    if manager is not None:  # gone once it has seen the workers end: none of them is left running
+        manager.join(grace)
 
 
 def run_jobs(specs: Sequence[JobSpec], results_dir: str | os.PathLike[str], *, jobs: int = 1,
