@@ -24,7 +24,7 @@ import av
 
 from .errors import InputFormatError, UsageError
 from .files import check_input
-from .hevcdec import frame_to_planes, pixel_format
+from .hevcdec import ffmpeg_reason, frame_to_planes, pixel_format
 from .sei import (BLA_W_LP, PPS_NUT, SPS_NUT, VPS_NUT, access_units, display_order, join_nal_units,
                   split_nal_units)
 from .yuv import Frame, VideoFormat, VideoSource, open_video, parse_fps
@@ -143,9 +143,8 @@ def _length_prefixed_to_annexb(data: bytes, length_size: int, origin: str) -> li
 
 
 def _not_readable(origin: str, exc: "av.error.FFmpegError", expected: str) -> InputFormatError:
-    """av could not open ``origin``: say what was expected, with FFmpeg's reason (without its errno)."""
-    reason = getattr(exc, "strerror", None) or str(exc)
-    return InputFormatError(f"{origin}: not {expected} (FFmpeg: {reason})")
+    """av could not open ``origin``: say what was expected, with FFmpeg's reason."""
+    return InputFormatError(f"{origin}: not {expected} (FFmpeg: {ffmpeg_reason(exc)})")
 
 
 def demux_annexb(source: str | BinaryIO, origin: str | None = None) -> Iterator[bytes]:

@@ -13,13 +13,9 @@ import av
 import numpy as np
 
 from .errors import InputFormatError
-from .yuv import Frame, VideoFormat
+from .yuv import Frame, VideoFormat, sample_dtype
 
 _PIX_BITDEPTH = {"yuv420p": 8, "yuvj420p": 8, "yuv420p10le": 10, "yuv420p12le": 12}
-
-
-def _dtype(bitdepth: int) -> np.dtype:
-    return np.dtype(np.uint8) if bitdepth == 8 else np.dtype("<u2")
 
 
 def frame_to_planes(frame: "av.VideoFrame") -> Frame:
@@ -28,7 +24,7 @@ def frame_to_planes(frame: "av.VideoFrame") -> Frame:
     name = frame.format.name
     if name not in _PIX_BITDEPTH:
         raise InputFormatError(f"decoded pictures are {name}; only 4:2:0 (8/10/12-bit) is supported")
-    dtype = _dtype(_PIX_BITDEPTH[name])
+    dtype = sample_dtype(_PIX_BITDEPTH[name])
     out = []
     for plane in frame.planes:
         rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
@@ -41,7 +37,7 @@ def planes_to_frame(frame: Frame, bitdepth: int) -> "av.VideoFrame":
     conversion)."""
     h, w = frame.y.shape
     vf = av.VideoFrame(w, h, pixel_format(bitdepth))
-    dtype = _dtype(bitdepth)
+    dtype = sample_dtype(bitdepth)
     for plane, samples in zip(vf.planes, frame.planes):
         data = np.ascontiguousarray(samples, dtype).view(np.uint8)
         if plane.line_size != data.shape[1]:  # rows padded for alignment
@@ -71,9 +67,14 @@ def _chunks(data: bytes | Path | str, size: int = 1 << 16) -> Iterator[bytes]:
             yield chunk
 
 
+def ffmpeg_reason(exc: "av.error.FFmpegError") -> str:
+    """FFmpeg's reason for a failure, without its errno and function names."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
 def _decode_error(origin: str, exc: "av.error.FFmpegError") -> InputFormatError:
-    reason = getattr(exc, "strerror", None) or str(exc)
-    return InputFormatError(f"{origin}: HEVC decoding failed (FFmpeg: {reason}): the stream is damaged, or not HEVC")
+    return InputFormatError(f"{origin}: HEVC decoding failed (FFmpeg: {ffmpeg_reason(exc)}): the stream is damaged, "
+                            f"or not HEVC")
 
 
 class HevcDecoder:

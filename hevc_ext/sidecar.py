@@ -22,7 +22,7 @@ from .entropy import decode_network, encode_network
 from .errors import MismatchError, SideStreamError, UsageError
 from .quant import QuantConfig, QuantizedNetwork
 from .syntax import BitReader, BitWriter
-from .yuv import MAX_FPS_TERM  # fps_num, fps_den (each >= 1)
+from .yuv import MAX_FPS_TERM, sample_dtype  # MAX_FPS_TERM: fps_num, fps_den (each >= 1)
 
 MAGIC = b"HNLF"
 VERSION = 1
@@ -91,7 +91,7 @@ class PictureHash:
 
     def __init__(self, hash_type: HashType, bitdepth: int) -> None:
         self.hash_type = hash_type
-        self._dtype = np.dtype(np.uint8) if bitdepth == 8 else np.dtype("<u2")
+        self._dtype = sample_dtype(bitdepth)
         self._md5 = hashlib.md5() if hash_type is HashType.MD5 else None
         self._crc = 0
 

@@ -56,7 +56,7 @@ class VideoFormat:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(np.uint8) if self.bitdepth == 8 else np.dtype("<u2")
+        return sample_dtype(self.bitdepth)
 
     @property
     def frame_dtype(self) -> np.dtype:
@@ -95,6 +95,11 @@ def parse_size(text: str) -> tuple[int, int]:
     if not m:
         raise UsageError(f"invalid size {text!r}: expected WIDTHxHEIGHT, e.g. 416x240")
     return int(m.group(1)), int(m.group(2))
+
+
+def sample_dtype(bitdepth: int) -> np.dtype:
+    """How samples are stored (in files, hashes and arrays): bytes at 8 bits, 16-bit little-endian above."""
+    return np.dtype(np.uint8) if bitdepth == 8 else np.dtype("<u2")
 
 
 #: the largest numerator and denominator of a frame rate (what the side stream's header can code)
