@@ -62,15 +62,10 @@ def check_output(path: PathLike, inputs: Iterable[PathLike | None] = ()) -> None
     target = Path(path)
     if target.is_dir():
         raise OutputError(f"{path}: is a directory")
-    for source in inputs:
-        if source is None or str(source) == "-":
-            continue
-        with contextlib.suppress(OSError):
-            if target.exists() and os.path.samefile(source, target):
-                raise UsageError(f"{path}: the output would overwrite the input {source}")
-    folder = target.parent
-    while not folder.exists() and folder != folder.parent:  # the folders atomic_output would create
-        folder = folder.parent
+    source = _same_as_any(target, inputs)
+    if source is not None:
+        raise UsageError(f"{path}: the output would overwrite the input {source}")
+    folder = _nearest_existing(target.parent)  # below it, the folders atomic_output would create
     if not folder.is_dir():
         raise OutputError(f"{path}: {folder} is not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -91,15 +86,30 @@ def check_output_folder(path: PathLike, what: str, inputs: Iterable[PathLike | N
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise OutputError(f"{path}: exists and is not a folder ({what} go into a folder)")
-    for source in inputs:
-        with contextlib.suppress(OSError):
-            if source is not None and target.exists() and os.path.samefile(source, target):
-                raise UsageError(f"{path}: is the input folder {source}; give {what} a folder of their own")
-    folder = target
-    while not folder.exists() and folder != folder.parent:  # the folders mkdir would create
-        folder = folder.parent
+    source = _same_as_any(target, inputs)
+    if source is not None:
+        raise UsageError(f"{path}: is the input folder {source}; give {what} a folder of their own")
+    folder = _nearest_existing(target)  # below it, the folders mkdir would create
     if not folder.is_dir():
         raise OutputError(f"{path}: {folder} is not a folder")
+
+
+def _same_as_any(target: Path, inputs: Iterable[PathLike | None]) -> PathLike | None:
+    """The first of ``inputs`` (``-`` and None skipped) that is the existing ``target`` itself."""
+    for source in inputs:
+        if source is None or str(source) == "-":
+            continue
+        with contextlib.suppress(OSError):
+            if target.exists() and os.path.samefile(source, target):
+                return source
+    return None
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """``folder``, or its nearest ancestor that exists."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 def _error(path: PathLike, exc: OSError) -> OutputError:

@@ -178,10 +178,12 @@ def _parse_y4m_header(line: bytes, origin: str) -> VideoFormat:
     for tok in line.decode("ascii", "replace").split()[1:]:
         key, val = tok[0], tok[1:]
         try:
-            if key in "WH":
-                if not val.isdigit():
-                    raise ValueError("expected a whole number of samples")
-                w, h = (int(val), h) if key == "W" else (w, int(val))
+            if key in "WH" and not val.isdigit():
+                raise ValueError("expected a whole number of samples")
+            if key == "W":
+                w = int(val)
+            elif key == "H":
+                h = int(val)
             elif key == "F":
                 fps = parse_fps(val)
             elif key == "C":

@@ -2,7 +2,7 @@
  * nlf_cpu_features.h — the run-time x86 feature checks of the two CPU libraries (host code, C++17).
  *
  * Included by filter_cpu.cpp (the filter kernel) and train_cpu.cpp (the training engine), which
- * compile code paths for three levels, NLF_CPU_LEVEL_*, and pick the best one the CPU runs. Both
+ * compile code paths for three levels (nlf_cpu::Level) and pick the best one the CPU runs. Both
  * AVX-512 paths need the AVX-512 core (F/BW/DQ/VL) and one feature more, their own: the filter's
  * integer multiply-adds VNNI (VPDPWSSD), the training engine's float math FMA. On other compilers or
  * architectures only the portable level exists.
