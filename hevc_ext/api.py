@@ -85,9 +85,14 @@ class Encoder:
     decision lies near its threshold: a stream prices side bits with the mean bits per picture so far,
     the file encoder with the whole sequence's mean. ``config.coding.frames`` is ignored (the stream
     ends at :meth:`flush`); only the x265 backend streams.
+
+    Memory does not grow with the length of the stream: a segment is forgotten once its packets are
+    out. ``keep_records=True`` keeps every segment's records and decisions (:attr:`records`,
+    :attr:`decisions`, :attr:`side_stream`), about 15 KB per segment.
     """
 
-    def __init__(self, fmt: VideoFormat, config: Any = None, *, progress: Any = None, preset: str = "medium") -> None:
+    def __init__(self, fmt: VideoFormat, config: Any = None, *, progress: Any = None, preset: str = "medium",
+                 keep_records: bool = False) -> None:
         from fractions import Fraction as _F
 
         import av
@@ -110,7 +115,7 @@ class Encoder:
         self._low_delay = coding.mode in ("ldb", "ldp")
         self._tcfg = self.config.train if self.config.train is not None else TrainConfig()
         self._kernel = get_kernel(self.config.kernel)
-        self._frame_bits: dict[int, int] = {}  # display index -> coded bits, for the RD decisions
+        self._bits_coded = 0  # of every access unit so far (one per picture), for the RD decisions
         self._progress = progress
         self._states = {Group.Y: _GroupState(), Group.UV: _GroupState()}
         cc = av.CodecContext.create("libx265", "w")
@@ -125,19 +130,24 @@ class Encoder:
         self._src, self._recon = _Frames(), _Frames()
         self._pending: list[list[Any]] = []  # [data, pts, dts, is_key] in decoding order
         self._packets_in = 0
-        self._first_au: dict[int, int] = {}  # segment -> decoding index of its first access unit
+        self._first_au: dict[int, int] = {}  # segment -> decoding index of its first access unit (unreleased ones)
+        self._carried = (0, 0)  # the first segment in _first_au, and the latest first access unit of those before it
         self._seg_units: dict[int, list[bytes]] = {}  # segment -> framed record units (once trained)
         self._next_segment = 0
         self._refs: dict[Group, Any] = {Group.Y: None, Group.UV: None}
         self.header: StreamHeader | None = None
-        self.records: list[Record] = []
-        self.decisions: list[Any] = []
+        self.keep_records = keep_records
+        self.records: list[Record] = []  # with keep_records only
+        self.decisions: list[Any] = []  # with keep_records only
         self._total: int | None = None
         self._flushed = False
 
     @property
     def side_stream(self) -> SideStream | None:
-        """Header and records so far (a sidecar of the packets emitted: ``side_stream.to_bytes()``)."""
+        """Header and records so far (a sidecar of the packets emitted: ``side_stream.to_bytes()``); needs
+        ``keep_records=True``."""
+        if not self.keep_records:
+            raise UsageError("Encoder.side_stream needs Encoder(..., keep_records=True)")
         return SideStream(self.header, tuple(self.records)) if self.header is not None else None
 
     # -- input
@@ -211,7 +221,7 @@ class Encoder:
             self._packets_in += 1
             seg = p.pts // self._size
             self._first_au.setdefault(seg, dts)
-            self._frame_bits[int(p.pts)] = self._frame_bits.get(int(p.pts), 0) + 8 * len(data)
+            self._bits_coded += 8 * len(data)
             self._pending.append([data, int(p.pts), dts, bool(p.is_keyframe)])
             self._reconstruct(data)
 
@@ -256,15 +266,16 @@ class Encoder:
             units = []
             for group in (Group.Y, Group.UV):
                 # mean bits per picture of everything coded so far (the whole sequence is not known yet)
-                bits_per_frame = sum(self._frame_bits.values()) / max(1, len(self._frame_bits))
+                bits_per_frame = self._bits_coded / max(1, self._packets_in)
                 decision, rec = _encode_group(self._src, self._recon, seg, group, self.fmt, self.config, self._tcfg,
                                               self._kernel, bits_per_frame, self._states[group], self._low_delay,
                                               self._progress, "?", later)  # type: ignore[arg-type]
                 units.append(frame_unit(UNIT_RECORD, record_payload(rec, self.config.hash_type, self._refs[group])))
                 if rec.type in (RecordType.NEW, RecordType.NEW_DIFF):
                     self._refs[group] = rec.network
-                self.records.append(rec)
-                self.decisions.append(decision)
+                if self.keep_records:
+                    self.records.append(rec)
+                    self.decisions.append(decision)
             self._seg_units[s] = units
             self._src.drop_before(end)
             self._recon.drop_before(end)
@@ -272,8 +283,10 @@ class Encoder:
 
     # -- output
     def _carriers(self) -> dict[int, int]:
-        """segment -> decoding index of the access unit carrying its records (known ones only)."""
-        out, last, s = {}, 0, 0
+        """segment -> decoding index of the access unit carrying its records (known unreleased ones only):
+        its first access unit, or a later segment's carrier if that came first (open GOP)."""
+        out = {}
+        s, last = self._carried
         while s in self._first_au:
             last = max(last, self._first_au[s])
             out[s] = last
@@ -298,6 +311,11 @@ class Encoder:
                 data = embed_au(data, b"".join(units))
             out.append(Packet(data, pts, dts, key))
             self._pending.pop(0)
+        s, last = self._carried  # forget the segments whose records are out
+        while s in self._first_au and s < self._next_segment and s not in self._seg_units:  # trained, and sent
+            last = max(last, self._first_au.pop(s))
+            s += 1
+        self._carried = (s, last)
         return out
 
 
@@ -309,9 +327,13 @@ class Decoder:
     Records come from the stream's hevc-nlf SEI; a stream without them decodes to the plain pictures.
     A damaged or missing SEI raises :class:`~hevc_ext.errors.SideStreamError` (unless
     ``ignore_side_stream``, which skips the records and gives the plain pictures). Needs no torch.
+
+    Memory does not grow with the length of the stream; ``keep_records=True`` keeps every record for
+    :attr:`side_stream` (about 15 KB per segment).
     """
 
-    def __init__(self, kernel: str = "auto", *, ignore_side_stream: bool = False, origin: str = "stream") -> None:
+    def __init__(self, kernel: str = "auto", *, ignore_side_stream: bool = False, origin: str = "stream",
+                 keep_records: bool = False) -> None:
         self.kernel_name = kernel
         self.ignore_side_stream = ignore_side_stream
         self.origin = origin
@@ -320,7 +342,9 @@ class Decoder:
         self._filter: Any = None
         self._parser: RecordParser | None = None
         self._next: dict[Group, int] = {Group.Y: 0, Group.UV: 0}
-        self._records: list[Record] = []
+        self.keep_records = keep_records
+        self._records: list[Record] = []  # with keep_records only
+        self._n_records = 0
         self._au = 0
         self._seen_vcl = False
         self.header: StreamHeader | None = None
@@ -333,6 +357,9 @@ class Decoder:
 
     @property
     def side_stream(self) -> SideStream | None:
+        """Header and records received so far; needs ``keep_records=True``."""
+        if not self.keep_records:
+            raise UsageError("Decoder.side_stream needs Decoder(..., keep_records=True)")
         return SideStream(self.header, tuple(self._records)) if self.header is not None else None
 
     @property
@@ -400,12 +427,14 @@ class Decoder:
                 if self._parser is None:
                     raise SideStreamError(f"{where}: record before the side-stream header (the header SEI is "
                                           f"missing or damaged)")
-                rec = self._parser.parse(payload, len(self._records))
+                rec = self._parser.parse(payload, self._n_records)
                 if rec.first_frame != self._next[rec.group]:
                     raise SideStreamError(f"{where}: {rec.group.label} record for frames from {rec.first_frame}, "
                                           f"expected {self._next[rec.group]} (an SEI is missing or damaged)")
                 self._next[rec.group] = rec.first_frame + rec.frame_count
-                self._records.append(rec)
+                self._n_records += 1
+                if self.keep_records:
+                    self._records.append(rec)
                 self._filter.records[rec.group].append(rec)
         except SideStreamError as exc:
             raise SideStreamError(f"{exc}{_HINT}") from None

@@ -613,7 +613,7 @@ class FrameFilter:
         self.records = {g: [] for g in (Group.Y, Group.UV)}
         self.filtered = 0
         self.verified = 0
-        self._nets: dict[int, IntNetwork] = {}
+        self._nets: dict[Group, tuple[Any, IntNetwork]] = {}  # per group: the network in use, derived
         self._hash: dict[Group, PictureHash | None] = {Group.Y: None, Group.UV: None}
         self._pos = {Group.Y: 0, Group.UV: 0}
         self._hash_async = hash_in_thread  # one picture in flight at most
@@ -629,16 +629,23 @@ class FrameFilter:
         pos = self._pos[group]
         while pos < len(recs) and frame >= recs[pos].first_frame + recs[pos].frame_count:
             pos += 1
+        if pos > 64:  # records behind the picture are done with (bounded memory); the last one stays for finish()
+            del recs[:pos - 1]
+            pos = 1
         self._pos[group] = pos
         if pos < len(recs) and recs[pos].first_frame <= frame:
             return recs[pos]
         return None
 
     def _intnet(self, rec: Record, bitdepth: int) -> IntNetwork:
-        key = id(rec.network)
-        if key not in self._nets:
-            self._nets[key] = derive(rec.network, bitdepth)  # type: ignore[arg-type]
-        return self._nets[key]
+        """The kernel constants of ``rec``'s network, derived once per network (a low-delay REUSE record
+        carries the previous record's network object): only the group's current one is kept, so a long
+        stream's memory does not grow with its networks."""
+        held = self._nets.get(rec.group)
+        if held is None or held[0] is not rec.network:
+            held = (rec.network, derive(rec.network, bitdepth))  # type: ignore[arg-type]
+            self._nets[rec.group] = held
+        return held[1]
 
     def _hash_planes(self, hasher: PictureHash, planes: list[np.ndarray]) -> Future | None:
         """Feed ``planes`` to ``hasher``: in the worker thread (returns its future) or here (None)."""

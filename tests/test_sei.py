@@ -76,13 +76,13 @@ def plane_group(frame: Frame, group: Group) -> list[np.ndarray]:
     return [frame.planes[i] for i in group.plane_indices]
 
 
-def make_side_stream(recon: list[Frame], seg_len: int, mode: str = "ra") -> SideStream:
+def make_side_stream(recon: list[Frame], seg_len: int, mode: str = "ra", size: tuple[int, int] = (W, H)) -> SideStream:
     """Records exercising every record type with real networks and correct MD5s of the filtered output:
     Y: NEW, NEW_DIFF, OFF, REUSE...; UV: NEW, REUSE, NEW_DIFF, OFF..."""
     arch = Architecture(3, 4)
     kernel = get_kernel("reference")
     n = len(recon)
-    header = StreamHeader(W, H, 8, n, Fraction(25), mode, arch, arch, HashType.MD5, picture_crc(recon[0].planes, 8))
+    header = StreamHeader(*size, 8, n, Fraction(25), mode, arch, arch, HashType.MD5, picture_crc(recon[0].planes, 8))
     plans = {Group.Y: ["new", "diff", "off", "reuse"], Group.UV: ["new", "reuse", "diff", "off"]}
     records = []
     current = {g: None for g in Group}

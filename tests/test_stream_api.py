@@ -57,7 +57,7 @@ def test_encoder_decoder_end_to_end(tmp_path):
     from hevc_ext import Decoder, Encoder
     from hevc_ext.container import mux
 
-    enc = Encoder(FMT, fast_config())
+    enc = Encoder(FMT, fast_config(), keep_records=True)
     packets = []
     for f in synthetic_frames(6):
         packets += enc.push(f)
@@ -99,7 +99,7 @@ def test_streaming_low_delay_credit_of_later_reuse():
 
     cfg = fast_config(coding=CodingConfig("ldp", 32, extra=("rc-lookahead=0", "frame-threads=1")), ld_gop=2,
                       lambda_scale=1e-3, reuse_decay=0.8, train=TrainConfig(iterations=20, batch=4, patch=16))
-    enc = Encoder(FMT, cfg)
+    enc = Encoder(FMT, cfg, keep_records=True)
     still = synthetic_frames(1)[0]
     for _ in range(7):
         enc.push(still)
@@ -120,7 +120,7 @@ def test_low_delay_packets_leave_one_gop_after_their_pictures():
 
     cfg = fast_config(coding=CodingConfig("ldp", 32, extra=("rc-lookahead=0", "frame-threads=1")), ld_gop=2,
                       filter_enabled=False)
-    enc = Encoder(FMT, cfg)
+    enc = Encoder(FMT, cfg, keep_records=True)
     dec = Decoder(kernel="reference")
     released, decoded = [], []
     for f in synthetic_frames(7):
@@ -190,13 +190,70 @@ def test_decoder_lifecycle_and_input_types(embedded_clip):
         dec.push(embedded)
 
 
+def test_encoder_memory_does_not_grow_with_the_stream():
+    """Open-GOP random access, 6 segments: each segment's records still go in the access unit the
+    file path puts them in (sei.embed's rule), while the encoder forgets the segments whose packets are
+    out; without keep_records it keeps no records (side_stream says how to get them)."""
+    from hevc_ext import Encoder
+    from hevc_ext.errors import UsageError
+
+    frames = synthetic_frames(22)
+    cfg = fast_config(filter_enabled=False)
+    kept, lean = Encoder(FMT, cfg, keep_records=True), Encoder(FMT, cfg)
+    packets = [p for f in frames for p in kept.push(f)] + kept.flush()
+    lean_packets, held = [], []
+    for f in frames:
+        lean_packets += lean.push(f)
+        held.append(len(lean._first_au))
+    lean_packets += lean.flush()
+    assert len({r.segment for r in kept.records}) == 6
+    for pk in (packets, lean_packets):
+        stream = b"".join(p.data for p in pk)
+        plain, side = sei.extract(stream)
+        assert [(r.segment, r.group.label) for r in side.records] == [(s, g) for s in range(6) for g in ("y", "uv")]
+        assert sei.embed(plain, side, [p.pts for p in pk]) == stream
+    assert kept.side_stream.to_bytes() == sei.extract(b"".join(p.data for p in packets))[1].to_bytes()
+    assert max(held) <= 3 and lean._first_au == {} and lean._carried[0] == 6
+    assert lean.records == [] and lean.decisions == []
+    with pytest.raises(UsageError, match="keep_records=True"):
+        lean.side_stream
+
+
 # -------------------------------------------------------------------------------------------- decoder
+def test_decoder_memory_does_not_grow_with_the_stream():
+    """140 one-picture segments with a network each (NEW, NEW_DIFF, REUSE, OFF in turn): the decoder
+    holds a bounded number of records (65 behind the pictures, and those ahead of them) and only the
+    networks in use, and gives the same verified
+    pictures as one that keeps every record."""
+    from hevc_ext import Decoder
+    from hevc_ext.hevcdec import decode_frames
+    from hevc_ext.errors import UsageError
+
+    plain = b"".join(d for _, d in x265_packets(synthetic_frames(140, 32, 32), "ra", 4))
+    side = make_side_stream(list(decode_frames(plain)), 1, size=(32, 32))
+    embedded = sei.embed(plain, side)
+    lean, kept = Decoder(kernel="reference"), Decoder(kernel="reference", keep_records=True)
+    out, ref, held = [], [], []
+    for i in range(0, len(embedded), 4096):
+        out += lean.push(embedded[i:i + 4096])
+        ref += kept.push(embedded[i:i + 4096])
+        held.append((max(len(r) for r in lean._filter.records.values()), len(lean._filter._nets)))
+    out += lean.flush()
+    ref += kept.flush()
+    assert len(out) == 140 and lean.verified_records == kept.verified_records == 210
+    assert all(np.array_equal(a.y, b.y) and np.array_equal(a.v, b.v) for a, b in zip(out, ref))
+    assert max(n for n, _ in held) <= 80 and max(k for _, k in held) <= 2  # 140 records a group if kept
+    assert len(kept.side_stream.records) == 280 and lean._records == []
+    with pytest.raises(UsageError, match="keep_records=True"):
+        lean.side_stream
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 1000, 1 << 20])
 def test_decoder_any_chunking(embedded_clip, chunk):
     from hevc_ext import Decoder
 
     plain, side, embedded = embedded_clip
-    dec = Decoder(kernel="reference")
+    dec = Decoder(kernel="reference", keep_records=True)
     out = []
     for i in range(0, len(embedded), chunk):
         out += dec.push(embedded[i:i + chunk])
