@@ -77,7 +77,7 @@ def _nonneg_int(text: str) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress and no log output below errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary and no log output below errors (--json still prints its object)")
 
 
 def _add_input_format(p: argparse.ArgumentParser) -> None:
@@ -211,7 +211,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
                 g.pop("candidates", None)
     if args.json:
         print(json.dumps(data, indent=2))
-    else:
+    elif not args.quiet:
         _print_encode_summary(report)
     return 0
 
@@ -265,7 +265,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             "side_stream": rep.side_stream or None, "seconds": round(rep.seconds, 3), "output": args.output}
     if args.json:
         (sys.stderr if args.output == "-" else sys.stdout).write(json.dumps(info, indent=2) + "\n")
-    elif args.output != "-":
+    elif args.output != "-" and not args.quiet:
         side = f"side stream {rep.side_stream}" if rep.side_stream else "no side stream"
         print(f"decoded {rep.frames} pictures {rep.width}x{rep.height} {rep.bitdepth}-bit with the {rep.kernel} "
               f"kernel ({side}); {rep.verified_records} records verified; wrote {args.output} ({rep.seconds:.2f} s)")

@@ -789,11 +789,12 @@ def decode(stream_path: str, output: str, side_path: str | None = None, *, kerne
     fmt = None
     with contextlib.closing(filt), atomic_output(output) as handle:
         for frame in decode_frames(stream_data, decoder):
+            out = filt.process(frame, decoder.bitdepth or 8)  # the first picture's checks come before any output
             if writer is None:
                 h, w = frame.y.shape
                 fmt = VideoFormat(w, h, rate, decoder.bitdepth or 8)
                 writer = VideoWriter(handle, fmt, y4m=as_y4m)
-            writer.write(filt.process(frame, fmt.bitdepth))
+            writer.write(out)
             if progress:
                 progress("decode", filt.index, side.header.frame_count if side else 0, "decoding")
         if writer is None:

@@ -27,7 +27,7 @@ from .files import check_input
 
 log = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"(?:^|[_\-.])(\d{2,5})x(\d{2,5})(?:_(\d+(?:\.\d+)?)(?:fps|hz)?)?(?=[_\-.]|$)", re.I)
+_NAME_RE = re.compile(r"(?:^|[_\-.])(\d{1,5})x(\d{1,5})(?:_(\d+(?:\.\d+)?)(?:fps|hz)?)?(?=[_\-.]|$)", re.I)
 _BITDEPTH_RE = re.compile(r"[_\-.](8|9|10|12|16)b(?:it)?(?=[_\-.]|$)", re.I)
 
 

@@ -247,13 +247,11 @@ def test_interrupted_pool_stops_its_workers_and_keeps_finished_jobs(tmp_path, mo
         os.kill(os.getpid(), sig)
 
     threading.Thread(target=interrupt_when_busy, daemon=True).start()
-    t0 = time.monotonic()
     try:
         with pytest.raises(_Terminated if signum == "SIGTERM" else KeyboardInterrupt):
             ev.run_jobs(specs, tmp_path / "run", jobs=2, runner=_slow_runner)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert time.monotonic() - t0 < 45  # not the minute the running jobs would take
     assert multiprocessing.active_children() == []
     assert list(work.iterdir()) == []  # the stopped jobs removed their folders
     assert [p.name for p in (tmp_path / "run" / "jobs").iterdir()] == ["Foo_ra_qp22.json"]
@@ -392,9 +390,10 @@ def test_tiny_real_eval_and_resume(tmp_path, capsys, monkeypatch, make_clip):
     make_clip(n=3, width=64, height=64, name="Foo", seed=1)
     make_clip(n=4, width=64, height=64, name="Bar", seed=2)
     out = tmp_path / "out"
-    argv = ["eval", "--sequences", str(seqdir), "--qps", "30,32,34,36", "--modes", "ra", "--iterations", "2",
+    # cheap networks that still pay at a small price of side bits, so that the decode check applies some
+    argv = ["eval", "--sequences", str(seqdir), "--qps", "30,32,34,36", "--modes", "ra", "--iterations", "30",
             "--batch", "4", "--patch", "16", "--frames", "3", "--jobs", "1", "--kernel", "reference",
-            "--no-plots", "-o", str(out)]
+            "--lambda-scale", "0.001", "--no-plots", "-o", str(out)]
     assert main(argv) == 0
     cap = capsys.readouterr()
     assert "| Class | RA Y | RA U | RA V |" in cap.out and "| HEVC D |" in cap.out
@@ -410,10 +409,15 @@ def test_tiny_real_eval_and_resume(tmp_path, capsys, monkeypatch, make_clip):
             (row["hevc_bytes"] + row["side_bytes"]) * 8 * 30 / 3 / 1000)
         assert row["decode_seconds"] > 0 and row["decode_plain_seconds"] > 0
     assert {r["sequence"] for r in run["rows"]} == {"Foo", "Bar"}
-    job = json.loads((out / "jobs" / "Foo_ra_qp32.json").read_text())
-    assert job["status"] == "ok" and job["spec"]["frames"] == 3
-    signalled = sum(d != "off" for s in job["segments"] for d in s["decisions"].values())
-    assert job["decode_records_applied"] == job["decode_records_verified"] == signalled  # MD5: each is checked
+    applied = 0
+    for name in ("Foo", "Bar"):
+        for qp in (30, 32, 34, 36):
+            job = json.loads((out / "jobs" / f"{name}_ra_qp{qp}.json").read_text())
+            assert job["status"] == "ok" and job["spec"]["frames"] == 3
+            signalled = sum(d != "off" for s in job["segments"] for d in s["decisions"].values())
+            assert job["decode_records_applied"] == job["decode_records_verified"] == signalled  # MD5: each checked
+            applied += signalled
+    assert applied > 0
     bd = json.loads((out / "bdrate.json").read_text())
     assert {c["class"] for c in bd["classes"]} == {"D", "All"}
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "jobs").iterdir()}

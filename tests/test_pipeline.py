@@ -18,7 +18,7 @@ from hevc_ext.hevcdec import decode_frames
 from hevc_ext.kernels import get_kernel
 from hevc_ext.metrics import PsnrAccumulator
 from hevc_ext.pipeline import EncoderConfig, FrameFilter, decode, encode, read_side_stream, reference_credit
-from hevc_ext.sidecar import RecordType, SideStream
+from hevc_ext.sidecar import HashType, RecordType, SideStream
 from hevc_ext.train import TrainConfig
 from hevc_ext.yuv import open_video
 
@@ -228,20 +228,28 @@ def test_high_bit_depth_roundtrip(make_clip, tmp_path, bitdepth):
 
 def test_cli_json_report_and_progress_off(make_clip, tmp_path, capsys):
     clip = make_clip(n=4, width=64, height=48)
-    rc = main(["encode", str(clip), "-o", str(tmp_path / "c"), "--qp", "40", "--intra-period", "4",
-               "--iterations", "5", "--batch", "4", "--patch", "16", "--json", "-q"])
+    rc = main(["encode", str(clip), "-o", str(tmp_path / "c"), "--qp", "37", "--intra-period", "4",
+               "--iterations", "40", "--batch", "8", "--patch", "32", "--lambda-scale", "0.001", "--json", "-q"])
     assert rc == 0
     out = capsys.readouterr()
+    assert out.err == ""
     rep = json.loads(out.out)
-    for key in ("psnr_before", "psnr_after", "hevc_bytes", "side_bytes", "frames", "mac_per_pixel",
-                "encode_seconds", "segments"):
+    for key in ("psnr_before", "psnr_after", "hevc_bytes", "side_bytes", "kbps_before", "kbps_after", "frames",
+                "mac_per_pixel", "encode_seconds", "segments"):
         assert key in rep
-    assert set(rep["psnr_before"]) == {"y", "u", "v"}
+    assert set(rep["psnr_before"]) == set(rep["psnr_after"]) == {"y", "u", "v"}
+    assert rep["frames"] == 4 and rep["encode_seconds"] > 0
+    assert rep["hevc_bytes"] == (tmp_path / "c.hevc").stat().st_size
+    assert rep["side_bytes"] == (tmp_path / "c.nlf").stat().st_size
+    # rates at the clip's 30 frames/s, the side stream counted in the second
+    assert rep["kbps_before"] == pytest.approx(rep["hevc_bytes"] * 8 * 30 / 4 / 1000, rel=1e-9)
+    assert rep["kbps_after"] == pytest.approx((rep["hevc_bytes"] + rep["side_bytes"]) * 8 * 30 / 4 / 1000, rel=1e-9)
     arch = Architecture()
     groups = {g: s["groups"][g.label] for s in rep["segments"] for g in (Group.Y, Group.UV)}
     filtered = [g for g, d in groups.items() if d["decision"] != "off"]  # one segment: its networks
+    assert filtered  # so that the MAC count below is not 0 == 0
     assert rep["mac_per_pixel"] == sum(arch.mac_per_pixel(g, Packing.parse(groups[g]["packing"])) for g in filtered)
-    assert out.err == ""
+    assert sum(d["side_bytes"] for d in groups.values()) < rep["side_bytes"]  # + the header and unit framing
 
 
 def test_stdin_y4m_encode(make_clip, tmp_path, monkeypatch):
@@ -383,14 +391,16 @@ def test_decode_finds_the_sidecar_beside_the_stream(make_clip, tmp_path, capsys)
     assert not (tmp_path / "cut.yuv").exists() and not list(tmp_path.glob(".*.part"))
 
 
+@pytest.mark.parametrize("hash_type", [HashType.MD5, HashType.CRC32], ids=["md5", "crc32"])
 @pytest.mark.parametrize("in_thread", [True, False], ids=["hash-in-thread", "hash-inline"])
-def test_output_hash_mismatch_is_detected(make_clip, tmp_path, in_thread):
-    """The per-record hash of the filtered pictures is checked whether it is computed in the worker
-    thread (the file decoder) or inline (the streaming API): a wrong one fails the decode, at the
-    record's last picture, and leaves no output; the right ones are all verified."""
+def test_output_hash_mismatch_is_detected(make_clip, tmp_path, in_thread, hash_type):
+    """The per-record hash of the filtered pictures (MD5 or CRC-32) is checked whether it is computed
+    in the worker thread (the file decoder) or inline (the streaming API): a wrong one fails the decode,
+    at the record's last picture, and leaves no output; the right ones are all verified."""
     clip = make_clip(n=8, width=64, height=48)
-    encode(str(clip), str(tmp_path / "s"), _config("ra"))
+    encode(str(clip), str(tmp_path / "s"), _config("ra", hash_type=hash_type))
     side = read_side_stream(str(tmp_path / "s.nlf"))
+    assert side.header.hash_type is hash_type
     frames = list(decode_frames(tmp_path / "s.hevc"))
     filt = FrameFilter(side, get_kernel("auto"), "s.nlf", hash_in_thread=in_thread)
     for f in frames:
@@ -411,6 +421,22 @@ def test_output_hash_mismatch_is_detected(make_clip, tmp_path, in_thread):
     with pytest.raises(MismatchError, match="do not match"):
         decode(str(tmp_path / "s.hevc"), str(tmp_path / "o.yuv"), str(tmp_path / "bad.nlf"))
     assert not (tmp_path / "o.yuv").exists()
+
+
+def test_no_hash_filters_without_verifying(make_clip, tmp_path):
+    """--hash none: records carry no hash (smaller), the decoder applies them all and verifies none,
+    and the pictures are those the encoder measured."""
+    clip = make_clip(n=8, width=64, height=48)
+    rep = encode(str(clip), str(tmp_path / "n"), _config("ra", hash_type=HashType.NONE)).data
+    side = read_side_stream(str(tmp_path / "n.nlf"))
+    assert side.header.hash_type is HashType.NONE
+    assert all(r.output_hash == b"" for r in side.records)
+    drep = decode(str(tmp_path / "n.hevc"), str(tmp_path / "n.yuv"), str(tmp_path / "n.nlf"))
+    assert drep.verified_records == 0 and drep.filtered_records == sum(r.type is not RecordType.OFF
+                                                                        for r in side.records) > 0
+    got = _psnr(open_video(str(clip)), open_video(str(tmp_path / "n.yuv"), size="64x48", fps=30))
+    for k in "yuv":
+        assert got[k] == pytest.approx(rep["psnr_after"][k], abs=1e-9)
 
 
 def test_streaming_side_stream_still_catches_a_short_hevc_stream(make_clip, tmp_path):
@@ -444,3 +470,31 @@ def test_decode_to_stdout_is_y4m(make_clip, tmp_path, monkeypatch, capsysbinary)
     assert data.count(b"FRAME\n") == 3
     decode(str(tmp_path / "s.hevc"), str(tmp_path / "f.y4m"), str(tmp_path / "s.nlf"))
     assert data == (tmp_path / "f.y4m").read_bytes()  # the same filtered pictures as the file decode
+    # another encode's side stream is refused before anything reaches the pipe, not even the Y4M header
+    other = make_clip(n=3, width=64, height=48, seed=5, name="Other")
+    encode(str(other), str(tmp_path / "o"), _config("ra"))
+    rc = main(["decode", str(tmp_path / "s.hevc"), "--sidecar", str(tmp_path / "o.nlf"), "-o", "-"])
+    cap = capsysbinary.readouterr()
+    assert rc == 1 and cap.out == b"" and b"another encode" in cap.err
+
+
+def test_real_clip_encode_decode(sequences_dir, tmp_path):
+    """Real content (8 pictures of BasketballPass, class D, one RA segment): the decoder reproduces the
+    PSNR the encoder reported, every applied network verifies, and each filtered group gains."""
+    clip = sequences_dir / "BasketballPass_416x240_50.yuv"
+    if not clip.is_file():
+        pytest.skip(f"{clip} not present")
+    cfg = EncoderConfig(coding=CodingConfig("ra", 32, frames=8), train=TrainConfig(iterations=60), lambda_scale=0.1)
+    rep = encode(str(clip), str(tmp_path / "bp"), cfg).data
+    (seg,) = rep["segments"]
+    filtered = [g for g, d in seg["groups"].items() if d["decision"] != "off"]
+    assert filtered
+    drep = decode(str(tmp_path / "bp.hevc"), str(tmp_path / "bp.yuv"), str(tmp_path / "bp.nlf"))
+    assert drep.frames == 8 and drep.verified_records == len(filtered)
+    src = open_video(str(clip))
+    got = _psnr(src, open_video(str(tmp_path / "bp.yuv"), size="416x240", fps=50))
+    for k in "yuv":
+        assert got[k] == pytest.approx(rep["psnr_after"][k], abs=1e-9)
+    for g in filtered:
+        planes = "y" if g == "y" else "uv"
+        assert all(rep["psnr_after"][p] > rep["psnr_before"][p] for p in planes)

@@ -395,6 +395,13 @@ def test_cli_extract_strip_and_decode_to_stdout(ra_clip, tmp_path, capsysbinary)
     assert main(["strip", str(emb), "-o", str(tmp_path / "s.hevc"), "-q"]) == 0
     assert (tmp_path / "s.hevc").read_bytes() == ra_clip["plain"]
     capsysbinary.readouterr()
+    # nothing to extract from a plain stream: a usage error naming it, no file written
+    assert main(["extract", str(tmp_path / "s.hevc"), "-o", str(tmp_path / "none.nlf"), "-q"]) == 2
+    assert b"s.hevc: carries no hevc-nlf records" in capsysbinary.readouterr().err
+    assert not (tmp_path / "none.nlf").exists()
+    # --fps sets the Y4M frame rate of the output
+    assert main(["decode", str(emb), "-o", str(tmp_path / "r.y4m"), "--fps", "50", "--kernel", "reference", "-q"]) == 0
+    assert (tmp_path / "r.y4m").read_bytes().startswith(b"YUV4MPEG2 W64 H64 F50:1")
     assert main(["decode", str(emb), "-o", "-", "--kernel", "reference", "-q"]) == 0
     out = capsysbinary.readouterr().out
     header, _, rest = out.partition(b"\n")

@@ -57,7 +57,11 @@ def test_encoder_decoder_end_to_end(tmp_path):
     from hevc_ext import Decoder, Encoder
     from hevc_ext.container import mux
 
-    enc = Encoder(FMT, fast_config(), keep_records=True)
+    from hevc_ext.train import TrainConfig
+
+    # enough training for networks worth signalling (the UV networks here; Y stays off)
+    enc = Encoder(FMT, fast_config(train=TrainConfig(iterations=40, batch=4, patch=16), lambda_scale=1e-3),
+                  keep_records=True)
     packets = []
     for f in synthetic_frames(6):
         packets += enc.push(f)
@@ -73,7 +77,8 @@ def test_encoder_decoder_end_to_end(tmp_path):
     assert sei.embed(plain, enc.side_stream, [p.pts for p in packets]) == stream
     assert sei.embed(plain, enc.side_stream) == stream  # display order from the slice headers agrees
     # plays anywhere: av gives the plain pictures
-    assert len(av_pictures(stream)) == 6
+    plain_pictures = av_pictures(stream)
+    assert len(plain_pictures) == 6
     # the streaming decoder gives the filtered, verified pictures
     dec = Decoder(kernel="reference")
     out = []
@@ -81,7 +86,10 @@ def test_encoder_decoder_end_to_end(tmp_path):
         out += dec.push(p)
     out += dec.flush()
     assert len(out) == 6 and dec.header is not None
-    assert dec.verified_records == sum(r.type is not RecordType.OFF for r in enc.records)
+    assert dec.verified_records == sum(r.type is not RecordType.OFF for r in enc.records) > 0
+    changed = [not np.array_equal(np.concatenate([p.reshape(-1) for p in f.planes]), q)
+               for f, q in zip(out, plain_pictures)]
+    assert any(changed)  # the filter did change pictures (verified against the encoder's hashes above)
     # and so does the file decoder, via a container
     mux(stream, str(tmp_path / "s.mp4"), "mp4", FMT.fps)
     from hevc_ext.pipeline import decode
@@ -344,6 +352,32 @@ def test_transcode_from_stdin_to_mp4_and_decode_to_stdout(tmp_path, monkeypatch,
         assert sum(1 for _ in c.decode(video=0)) == 6
 
 
+def test_transcode_bad_requests_fail_cleanly(tmp_path, monkeypatch, capsys):
+    """Refused before any work (exit 2, the reason named): the output is the input, MP4 to a pipe, a
+    suffix that names no container. Failing part-way (a Y4M on stdin cut inside a frame) exits 1 and
+    leaves no output, whichever the container."""
+    from hevc_ext.cli import main
+
+    y4m = io.BytesIO()
+    w = VideoWriter(y4m, FMT, y4m=True)
+    for f in synthetic_frames(3):
+        w.write(f)
+    clip = tmp_path / "in.y4m"
+    clip.write_bytes(y4m.getvalue())
+    common = ["--intra-period", "4", "--no-filter", "--kernel", "reference", "-q"]
+    for argv, said in (([str(clip), str(clip)], "in.y4m"), ([str(clip), "-", "--container", "mp4"], "pipe"),
+                       ([str(clip), str(tmp_path / "o.avi")], "suffix '.avi'")):
+        assert main(["transcode", *argv, *common]) == 2
+        assert said in capsys.readouterr().err
+    assert clip.read_bytes() == y4m.getvalue() and not (tmp_path / "o.avi").exists()
+    cut = y4m.getvalue()[:-100]
+    for name in ("o.mp4", "o.mkv", "o.hevc"):
+        monkeypatch.setattr(sys, "stdin", _Stdin(cut))
+        assert main(["transcode", "-", str(tmp_path / name), *common]) == 1
+        assert "truncated" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.y4m"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SEQUENCES / "Zhling_1280x720_25.yuv").is_file(), reason="shared sequences absent")
 def test_transcode_real_clip_through_pipes(tmp_path):
@@ -359,6 +393,17 @@ def test_transcode_real_clip_through_pipes(tmp_path):
                            "\"import sys; print(sys.stdin.buffer.read().count(b'FRAME'))\"",
                            shell=True, check=True, env=env, capture_output=True, text=True, timeout=600)
     assert int(count.stdout) == 4
+
+
+def test_decoder_refuses_a_second_header(embedded_clip):
+    """Two streams run together (two side-stream headers) are refused at the second header."""
+    from hevc_ext import Decoder
+
+    plain, side, embedded = embedded_clip
+    dec = Decoder(kernel="reference")
+    assert len(dec.push(embedded)) >= 1
+    with pytest.raises(SideStreamError, match="a second side-stream header"):
+        dec.push(embedded)
 
 
 def test_decoder_errors_name_the_stream(embedded_clip):

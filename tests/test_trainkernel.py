@@ -222,8 +222,9 @@ def test_adam_trajectory_matches_torch():
     assert lt[-1] < lt[0]
 
 
-def test_train_uses_engine_and_matches_torch():
-    """hevc_ext.train.train with engine="cpu" (and the low-delay regulariser) follows engine="torch"."""
+def test_train_uses_engine_and_matches_torch(monkeypatch):
+    """hevc_ext.train.train with engine="cpu" (and the low-delay regulariser) follows engine="torch",
+    and every step of it runs on the engine (engine="torch" never calls it)."""
     from hevc_ext.model import normalised_weights
     from hevc_ext.train import SegmentData, TrainConfig, train
 
@@ -237,10 +238,17 @@ def test_train_uses_engine_and_matches_torch():
     base = train(data, arch, Packing(1, 1), TrainConfig(iterations=3, batch=4, patch=16, threads=1,
                                                          engine="torch"))
     previous = [w.detach().clone() for w in normalised_weights(base.net.folded_weights())]
+    calls = []
+    step = trainkernel.TrainEngine.forward_backward
+    monkeypatch.setattr(trainkernel.TrainEngine, "forward_backward",
+                        lambda self, x, t: calls.append(x.shape) or step(self, x, t))
     for prev in (None, previous):
         init = base.net if prev is not None else None
         rt = train(data, arch, Packing(1, 1), TrainConfig(**{**cfg.__dict__, "engine": "torch"}), init, prev)
+        assert calls == []
         rc = train(data, arch, Packing(1, 1), TrainConfig(**{**cfg.__dict__, "engine": "cpu"}), init, prev)
+        assert len(calls) == cfg.iterations
+        calls.clear()
         # (Adam moves every weight by ~lr per step whatever its gradient's size, so weights whose
         # gradient is ~0 drift apart on rounding; the losses are what must agree)
         np.testing.assert_allclose(rc.losses, rt.losses, rtol=1e-3)

@@ -16,6 +16,7 @@ from .conftest import synthetic_frames
 
 @pytest.mark.parametrize("name, expected", [
     ("BasketballPass_416x240_50.yuv", (416, 240, Fraction(50), None)),
+    ("Tiny_8x8_25.yuv", (8, 8, Fraction(25), None)),
     ("NebutaFestival_2560x1600_60_10bit_crop.yuv", (2560, 1600, Fraction(60), 10)),
     ("Traffic_2560x1600_30_crop.yuv", (2560, 1600, Fraction(30), None)),
     ("clip_1920x1080_29.97.yuv", (1920, 1080, Fraction(2997, 100), None)),
