@@ -46,11 +46,13 @@ DEFAULT_QUANT_CANDIDATES = (
     QuantConfig(weight_bits=4, bias_bits=8, scale_bits=2),
     QuantConfig(weight_bits=3, bias_bits=8, scale_bits=2),
 )
-#: training is skipped when even a cheap network (this many bits per parameter) could only pay for
-#: itself by removing more than this fraction of the SSE — a gain no network here reaches (the best
-#: measured chroma gains remove ~20 % of the SSE)
-SKIP_BITS_PER_PARAM = 3.0
-SKIP_SSE_FRACTION = 0.25
+#: Training is skipped when even a cheap network (this many bits per parameter; the smallest records
+#: measured, at b_w = 3, take 4.5 with their hash) could only pay for itself by removing more than this
+#: fraction of every picture's SSE: more than any network here has reached (per picture, on average over
+#: a segment's pictures: luma ~5 %, 4 % on a single picture; chroma ~20 %, 16 % on a single picture).
+#: Typically a short last segment, such as the 33rd picture of an RA encode with intra period 32.
+SKIP_BITS_PER_PARAM = 4.0
+SKIP_SSE_FRACTION = {Group.Y: 0.15, Group.UV: 0.25}
 
 
 def default_packing(width: int, height: int, group: Group) -> Packing:
@@ -379,6 +381,29 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
     return EncodeReport(report)
 
 
+def _cheapest(config: EncoderConfig, group: Group, fmt: VideoFormat) -> int:
+    """Parameters of the group's smallest network among the packings the encoder tries."""
+    return min(config.arch(group).parameter_count(group, p) for p in config.packings(group, fmt.width, fmt.height))
+
+
+def _credit_on(config: EncoderConfig, low_delay: bool, later_frames: tuple[int, ...], state: _GroupState) -> bool:
+    """Whether a new network is credited with its reuse in later segments (only a group's first one)."""
+    return (low_delay and config.reuse_decay > 0 and config.reuse_horizon > 0 and bool(later_frames)
+            and state.reference is None)
+
+
+def _hopeless(config: EncoderConfig, group: Group, fmt: VideoFormat, frames: int, worth: float,
+              credited: tuple[int, ...] = ()) -> bool:
+    """No network can pay for itself in a segment of ``frames`` pictures: the value of removing
+    SKIP_SSE_FRACTION of every picture's SSE (``worth`` bits per unit of relative SSE per picture), with
+    the credit for reuse in the ``credited`` later segments, is below SKIP_BITS_PER_PARAM bits for each
+    parameter of the cheapest network."""
+    per_picture = SKIP_SSE_FRACTION[group] * worth
+    value = per_picture * frames + reference_credit(per_picture, 0.0, credited, config.reuse_decay,
+                                                    config.reuse_horizon)
+    return SKIP_BITS_PER_PARAM * _cheapest(config, group, fmt) > value
+
+
 def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Group, fmt: VideoFormat,
                   config: EncoderConfig, tcfg: Any, kernel: Any, bits_per_frame: float, state: _GroupState,
                   low_delay: bool, progress: ProgressFn | None, n_segments: int,
@@ -404,11 +429,12 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
     before = sum(sum(f) for f in measure.before)
     free_bits = config.lambda_scale == 0  # side bits cost nothing: the largest SSE reduction wins
     worth = 0.0 if free_bits else bits_per_relative_sse(bits_per_frame, config.rd_slope_db) / config.lambda_scale
-    cheapest = min(config.arch(group).parameter_count(group, p) for p in config.packings(group, fmt.width, fmt.height))
-    hopeless = not free_bits and SKIP_BITS_PER_PARAM * cheapest > SKIP_SSE_FRACTION * worth * seg.count
+    hopeless = not free_bits and _hopeless(config, group, fmt, seg.count, worth,
+                                           later_frames if _credit_on(config, low_delay, later_frames, state) else ())
     if hopeless:
-        log.info("%s: not trained: a network of ~%d bits would need to remove more than %d%% of the SSE to "
-                 "pay for itself", label, SKIP_BITS_PER_PARAM * cheapest, 100 * SKIP_SSE_FRACTION)
+        log.info("%s: not trained: a network of ~%d bits would need to remove more than %d%% of the SSE of "
+                 "every picture to pay for itself", label, SKIP_BITS_PER_PARAM * _cheapest(config, group, fmt),
+                 100 * SKIP_SSE_FRACTION[group])
     if config.filter_enabled and not hopeless:
         data = SegmentData(group, [_group_planes(src[i], group) for i in seg.frames],
                            [_group_planes(recon[i], group) for i in seg.frames], fmt.bitdepth)
@@ -463,8 +489,7 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
     # only for a group's first network: once there is a reference, refreshing it is decided greedily (with
     # the 110 % rule); crediting fresh networks against a stale reference made the encoder refresh every
     # GoP on credit that later refreshes never let it collect (docs/results.md)
-    credit_on = (low_delay and not free_bits and config.reuse_decay > 0 and config.reuse_horizon > 0
-                 and bool(later_frames) and state.reference is None)
+    credit_on = not free_bits and _credit_on(config, low_delay, later_frames, state)
     if credit_on:  # the price of a REUSE record in a later segment (its header grows by a bit or two; ignored)
         reuse_bits = 8 * _record_bytes(Record(RecordType.REUSE, output_hash=bytes(hash_type.size), **base),
                                        hash_type, None)

@@ -6,6 +6,7 @@ import io
 import json
 import sys
 from dataclasses import replace
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -117,6 +118,26 @@ def test_reference_credit_by_hand():
     assert reference_credit(1000.0, 100.0, (4, 4, 4), 0.0, 8) == 0.0  # greedy
     assert reference_credit(1000.0, 100.0, (), 0.5, 8) == 0.0  # the last segment
     assert reference_credit(-5.0, 100.0, (4, 4), 0.5, 8) == 0.0  # a network that hurts is worth nothing
+
+
+def test_hopeless_segments_are_not_trained():
+    """The skip rule with BasketballPass's numbers (RA QP 32: 9354 bits per picture; the cheapest networks
+    have 433 (Y) and 458 (UV) parameters, ≈1732 and ≈1832 bits at 4 bits each): a one-picture segment
+    cannot pay (15 % of the luma SSE is worth ≈939 bits, 25 % of the chroma SSE ≈1564), a 32-picture one
+    can; a low-delay network credited with its reuse in later GoPs can pay on that credit."""
+    from hevc_ext.pipeline import _hopeless, bits_per_relative_sse
+    from hevc_ext.yuv import VideoFormat
+
+    fmt = VideoFormat(416, 240, Fraction(50), 8)
+    cfg = EncoderConfig()
+    worth = bits_per_relative_sse(9354, cfg.rd_slope_db)
+    assert worth == pytest.approx(6257.6, abs=0.5)
+    assert _hopeless(cfg, Group.Y, fmt, 1, worth) and _hopeless(cfg, Group.UV, fmt, 1, worth)
+    assert not _hopeless(cfg, Group.Y, fmt, 32, worth) and not _hopeless(cfg, Group.UV, fmt, 32, worth)
+    assert not _hopeless(cfg, Group.UV, fmt, 1, 1.2 * worth)  # ≈1877 bits > 1832: worth training
+    ld = EncoderConfig(coding=CodingConfig("ldp", 32), reuse_decay=0.7)
+    assert _hopeless(ld, Group.Y, fmt, 1, worth)
+    assert not _hopeless(ld, Group.Y, fmt, 1, worth, (4, 4, 4))  # + 0.7·4·939 + 0.49·4·939 + ...
 
 
 def test_low_delay_decisions_credit_later_reuse(make_clip):
