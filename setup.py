@@ -38,11 +38,19 @@ KERNEL_FILES = ("filter_cpu.cpp", "filter_cuda.cu", "nlf_filter.h", "nlf_network
 FLAGS = runpy.run_path(str(ROOT / "hevc_ext" / "buildflags.py"))  # shared with the first-use builders
 
 
-def _warn(message: str) -> None:
+FALLBACKS = {
+    "hevc_ext._nlf_cpu": "without the C++ filter kernel: filtering falls back to the numpy reference (slow)",
+    "hevc_ext._nlf_train": "without the C++ training engine: encoding trains with PyTorch autograd (10-20x slower)",
+}
+
+
+def _warn(message: str, *names: str) -> None:
+    """A visible warning (pip shows it with -v; `hevc-nlf info` says the same afterwards)."""
     bar = "=" * 78
-    sys.stderr.write(f"\n{bar}\nWARNING (hevc-nlf): {message}\n"
-                     "The package is installed without the C++ filter kernel; filtering falls back to the\n"
-                     "numpy reference (slow). Install a C++17 compiler (g++ or clang++) and reinstall.\n"
+    what = "\n".join(f"The package is installed {FALLBACKS[n]}." for n in (names or FALLBACKS))
+    sys.stderr.write(f"\n{bar}\nWARNING (hevc-nlf): {message}\n{what}\n"
+                     "Install a C++17 compiler (g++ or clang++) and reinstall; until then the library is\n"
+                     "built at first use where a compiler exists (`hevc-nlf info` says which is in use).\n"
                      f"{bar}\n\n")
 
 
@@ -63,7 +71,7 @@ class BuildNativeKernel(build_ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # CompileError, LinkError, DistutilsExecError, OSError...
-            _warn(f"building {ext.name} failed: {exc}")
+            _warn(f"building {ext.name} failed: {exc}", ext.name)
 
     def run(self) -> None:
         try:
@@ -74,13 +82,15 @@ class BuildNativeKernel(build_ext):
 
     def build_cuda(self) -> None:
         """nvcc present → build the CUDA kernel next to the others (never decided by a GPU's presence)."""
-        if os.environ.get("HEVC_NLF_CUDA", "1") == "0":
-            return
-        nvcc = shutil.which("nvcc") or next((str(p) for p in (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
-                                                             / "bin" / "nvcc",) if p.is_file()), None)
-        if nvcc is None:
-            return
         out = Path(self.get_ext_fullpath("hevc_ext._nlf_cpu")).parent / "_nlf_cuda.so"
+        roots = (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda")
+        nvcc = shutil.which("nvcc") or next((str(Path(r) / "bin" / "nvcc") for r in roots
+                                             if r and (Path(r) / "bin" / "nvcc").is_file()), None)
+        if os.environ.get("HEVC_NLF_CUDA", "1").lower() in ("0", "no", "off", "false") or nvcc is None:
+            if out.exists():  # left by an earlier build in this tree: not this install's
+                sys.stderr.write(f"hevc-nlf: removing {out} of an earlier build (CUDA kernel not built now)\n")
+                out.unlink()
+            return
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [nvcc, *FLAGS["CUDA_FLAGS"], "-I", KERNEL_DIR, f"{KERNEL_DIR}/filter_cuda.cu", "-o", str(out)]
         sys.stderr.write(f"hevc-nlf: building the CUDA kernel (a few minutes; HEVC_NLF_CUDA=0 skips it): "

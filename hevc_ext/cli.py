@@ -154,9 +154,9 @@ def _encoder_config(args: argparse.Namespace) -> Any:
                 if getattr(args, k, None) is not None}
     if args.threads:
         train_kw["threads"] = args.threads
-    from .train import TrainConfig
+    from .pipeline import train_config_class
 
-    tcfg = TrainConfig(**train_kw)
+    tcfg = train_config_class()(**train_kw)
     quant = DEFAULT_QUANT_CANDIDATES
     if args.weight_bits:
         try:

@@ -52,5 +52,9 @@ class KernelError(NlfError, RuntimeError):
     """A filter kernel was requested that cannot be loaded or failed to run."""
 
 
+class NamedLibraryError(KernelError):
+    """A native library the user named ($HEVC_NLF_CPU_LIB, ...) does not load: never replaced by another."""
+
+
 class MissingDependencyError(NlfError, ImportError):
     """An optional dependency needed for this operation is not installed (e.g. torch for encoding)."""

@@ -37,7 +37,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from . import reference
-from .errors import KernelError, UsageError
+from .errors import KernelError, NamedLibraryError, UsageError
 from . import nativebuild
 from .buildflags import CPU_FLAGS, CUDA_FLAGS  # shared with setup.py
 # names the loader looks up at call time (so tests can replace them here)
@@ -584,6 +584,8 @@ def get_kernel(name: str = "auto", threads: int | None = None) -> Kernel:
     if devices:
         try:
             return _cuda_kernel(threads)
+        except NamedLibraryError:
+            raise
         except KernelError as exc:
             log.info("kernel auto: not cuda: %s", exc)
     else:
@@ -592,6 +594,8 @@ def get_kernel(name: str = "auto", threads: int | None = None) -> Kernel:
         log.info("kernel auto: not cuda: the CUDA driver reports no device")
     try:
         return _cpu_kernel(threads)
+    except NamedLibraryError:
+        raise  # the user's choice of library: never replaced by another
     except KernelError as exc:
         log.warning("kernel auto: not cpu: %s; using the numpy reference (slow)", exc)
     return ReferenceKernel()

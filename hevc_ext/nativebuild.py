@@ -28,11 +28,12 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import KernelError
+from .errors import KernelError, NamedLibraryError
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,15 @@ def content_key(parts: Sequence[bytes]) -> str:
 
 
 def compile_library(cmd: list[str], out: Path) -> None:
-    """Run a compiler writing to a temporary name, then rename into ``out`` (safe under concurrency)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".part", dir=out.parent)
-    os.close(fd)
+    """Run a compiler writing to a temporary name, then rename into ``out`` (safe under concurrency) with
+    its digest beside it (:func:`intact`); readable by all, like an installed library."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".part", dir=out.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise KernelError(f"cannot write into the build cache {out.parent} ({exc.strerror}); set $HEVC_NLF_CACHE "
+                          f"to a writable folder") from exc
     try:
         full = cmd + ["-o", tmp]
         log.info("building: %s", " ".join(full))
@@ -116,6 +122,8 @@ def compile_library(cmd: list[str], out: Path) -> None:
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip()[-2000:]
             raise KernelError(f"compiler failed ({proc.returncode}): {' '.join(full)}\n{tail}")
+        os.chmod(tmp, 0o755)
+        _digest_path(out).write_text(_digest(Path(tmp)))
         os.replace(tmp, out)
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelError(f"cannot run {cmd[0]}: {exc}") from exc
@@ -124,12 +132,34 @@ def compile_library(cmd: list[str], out: Path) -> None:
             os.unlink(tmp)
 
 
+def _digest_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def intact(lib: Path) -> bool:
+    """``lib`` is as the cache built it (its digest matches): a truncated or altered file is not loaded,
+    where loading it could crash the process (SIGBUS) instead of failing."""
+    try:
+        return _digest_path(lib).read_text().strip() == _digest(lib)
+    except OSError:
+        return False
+
+
 def prune(pattern: str, keep: Path, newest: int = 4) -> None:
-    """Remove builds of other source versions from the cache, keeping the ``newest`` few."""
+    """Remove builds of other source versions from the cache, keeping the ``newest`` few, and what builds
+    that were killed left (``*.part`` files older than an hour)."""
     try:
         old = sorted((p for p in keep.parent.glob(pattern) if p != keep), key=lambda p: p.stat().st_mtime)
         for p in old[: max(0, len(old) - (newest - 1))]:
             p.unlink()
+            _digest_path(p).unlink(missing_ok=True)
+        for p in keep.parent.glob(pattern + ".*.part"):
+            if time.time() - p.stat().st_mtime > 3600:
+                p.unlink()
     except OSError:
         pass
 
@@ -170,9 +200,11 @@ def build_cached(stem: str, compiler: str, flags: Sequence[str], files: Sequence
     key = content_key([f.read_bytes() for f in files] + [" ".join(flags).encode(), tool_version(compiler),
                                                          compiler.encode()])
     out = cache_dir() / f"lib{stem}-{key}.so"
-    if not out.is_file():
+    if not intact(out):
         with FileLock(out.parent / f"lib{stem}.lock"):
-            if not out.is_file():
+            if not intact(out):
+                if out.exists():
+                    log.warning("%s: damaged (its digest does not match); building it again", out)
                 log.log(level, "building %s with %s into %s", what, compiler, out)
                 compile_library([compiler, *flags, str(files[0])], out)
                 prune(f"lib{stem}-*.so", out)
@@ -217,7 +249,7 @@ def load_native(lib: NativeLibrary, compiler: str | None, flags: Sequence[str]) 
             return load_library(installed, lib.bind, lib.what + " library"), installed
         except KernelError as exc:
             if named and Path(named) == installed:
-                raise KernelError(f"{lib.what} unavailable: the library named by ${lib.env_var} does not load "
+                raise NamedLibraryError(f"{lib.what} unavailable: the library named by ${lib.env_var} does not load "
                                   f"({exc}); unset {lib.env_var} to use the installed or a freshly built one") from exc
             reasons.append(f"the installed library does not load ({exc})")
             log.warning("%s: the installed library does not load (%s); building it from the sources", lib.what, exc)

@@ -285,18 +285,7 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
     stream as SEI inside it, ``output_base``.nlf (nothing is written when ``output_base`` is None). An
     embedding encode removes an ``output_base``.nlf left by an earlier encode (with a warning)."""
     t0 = time.perf_counter()
-    try:
-        from .train import TrainConfig  # torch is needed from here on
-    except ModuleNotFoundError as exc:
-        if exc.name != "torch":
-            raise
-        from .errors import MissingDependencyError
-
-        raise MissingDependencyError(
-            "encoding trains the filter with PyTorch, which is not installed: pip install 'hevc-nlf[train]' "
-            "(or a CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu); "
-            "decoding works without it") from None
-
+    TrainConfig = train_config_class()  # torch is needed from here on
     tcfg = config.train if config.train is not None else TrainConfig()
     outputs = [] if output_base is None else \
         [str(output_base) + ".hevc"] + ([] if config.embed else [str(output_base) + ".nlf"])
@@ -379,6 +368,23 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
             if report["outputs"]:
                 report["outputs"]["side"] = f"in-band SEI of {report['outputs']['hevc']}"
     return EncodeReport(report)
+
+
+def train_config_class() -> type:
+    """:class:`hevc_ext.train.TrainConfig`; importing the trainer needs torch, and without it this is a
+    MissingDependencyError that says how to install it."""
+    try:
+        from .train import TrainConfig
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            "encoding trains the filter with PyTorch, which is not installed: pip install 'hevc-nlf[train]' "
+            "(or a CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu); "
+            "decoding works without it") from None
+    return TrainConfig
 
 
 def _cheapest(config: EncoderConfig, group: Group, fmt: VideoFormat) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import nativebuild
-from .errors import KernelError, UsageError
+from .errors import KernelError, NamedLibraryError, UsageError
 from .buildflags import TRAIN_FLAGS  # shared with setup.py
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,9 @@ class TrainEngine:
         return f"TrainEngine(isa={self.isa_name}, threads={self.threads}, path={str(self.path)!r})"
 
 
+_warned_fallback: list[bool] = []  # the fallback is said once per process, not for every network
+
+
 def select_engine(name: str, net: "torch.nn.Module", threads: int | None = None) -> TrainEngine | None:
     """The engine a training run uses: ``"torch"`` → None (PyTorch autograd); ``"cpu"`` → the C++
     engine or KernelError; ``"auto"`` → the C++ engine when available, else None (logged)."""
@@ -296,9 +299,12 @@ def select_engine(name: str, net: "torch.nn.Module", threads: int | None = None)
     try:
         return TrainEngine(net, threads)
     except KernelError as exc:
-        if name == "cpu":
+        if name == "cpu" or isinstance(exc, NamedLibraryError):  # a library the user named is never replaced
             raise
-        log.info("training engine auto: using torch (%s)", exc)
+        if not _warned_fallback:
+            _warned_fallback.append(True)
+            log.warning("training with PyTorch autograd, 10-20x slower than the C++ engine, which is "
+                        "unavailable: %s", exc)
         return None
 
 

@@ -571,9 +571,52 @@ def test_cpu_kernel_built_at_first_use(isolated_loader: pytest.MonkeyPatch, tmp_
     isolated_loader.setattr(kernels, "CPU_FLAGS", ("-O1",) + kernels.CPU_FLAGS[1:])  # a quicker build
     k = kernels.get_kernel("cpu")
     assert k.path.parent == tmp_path / "cache" and k.path.is_file()  # type: ignore[attr-defined]
+    assert k.path.stat().st_mode & 0o777 == 0o755  # type: ignore[attr-defined]  # usable from a shared cache
     rng = np.random.default_rng(6)
     net = reference.random_network(rng, Group.Y, Packing(1, 2))
     _assert_same(k, _planes(rng, Group.Y, (9, 11), 8), net, 8)
+    # a damaged cache entry (loading it could crash with SIGBUS) is built again, not loaded
+    path = k.path  # type: ignore[attr-defined]
+    head = path.read_bytes()[:1000]
+    path.unlink()  # a new file: this process has the library mapped, and truncating that would crash it
+    path.write_bytes(head)
+    kernels._reset_for_tests()
+    k = kernels.get_kernel("cpu")
+    assert k.path == path and path.stat().st_size > 1000 and nativebuild.intact(path)  # type: ignore[attr-defined]
+    _assert_same(k, _planes(rng, Group.Y, (9, 11), 8), net, 8)
+
+
+def test_unwritable_cache_names_the_cache(isolated_loader: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    if nativebuild.find_cxx() is None or kernels.kernel_sources() is None:
+        pytest.skip("no C++ compiler or kernel sources")
+    _not_installed(isolated_loader, "_nlf_cpu")
+    (tmp_path / "afile").write_text("")
+    isolated_loader.setenv("HEVC_NLF_CACHE", str(tmp_path / "afile" / "cache"))
+    with pytest.raises(KernelError, match="cannot write into the build cache .*afile.*HEVC_NLF_CACHE"):
+        kernels.get_kernel("cpu")
+
+
+def test_a_named_library_is_never_replaced_by_auto(isolated_loader: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``auto`` falls back when a library is missing, but not from one the user named."""
+    from hevc_ext.errors import NamedLibraryError
+
+    missing = tmp_path / "nowhere" / "lib.so"
+    isolated_loader.setenv("HEVC_NLF_CPU_LIB", str(missing))
+    with pytest.raises(NamedLibraryError, match="HEVC_NLF_CPU_LIB"):
+        kernels.get_kernel("auto")
+    pytest.importorskip("torch")
+    from hevc_ext import trainkernel
+    from hevc_ext.arch import Architecture
+    from hevc_ext.model import NlfNet
+
+    isolated_loader.setenv("HEVC_NLF_TRAIN_LIB", str(missing))
+    trainkernel._reset_for_tests()
+    try:
+        with pytest.raises(NamedLibraryError, match="HEVC_NLF_TRAIN_LIB"):
+            trainkernel.select_engine("auto", NlfNet(Architecture(), Group.Y, Packing(1, 1)))
+    finally:
+        isolated_loader.delenv("HEVC_NLF_TRAIN_LIB")
+        trainkernel._reset_for_tests()
 
 
 def test_compiler_failure_is_reported(isolated_loader: pytest.MonkeyPatch) -> None:

@@ -519,3 +519,14 @@ def test_real_clip_encode_decode(sequences_dir, tmp_path):
     for g in filtered:
         planes = "y" if g == "y" else "uv"
         assert all(rep["psnr_after"][p] > rep["psnr_before"][p] for p in planes)
+
+
+def test_encode_without_torch_says_how_to_install_it(make_clip, tmp_path, monkeypatch, capsys):
+    clip = make_clip(n=2, width=64, height=48)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as if it were not installed
+    for name in [m for m in sys.modules if m.startswith("hevc_ext.train")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert main(["encode", str(clip), "-o", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "PyTorch, which is not installed: pip install 'hevc-nlf[train]'" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [clip.name]
