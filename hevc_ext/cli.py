@@ -231,7 +231,10 @@ def _print_encode_summary(report: Any) -> None:
         print(f"  segment {seg['index']} frames {seg['first_frame']}..{seg['first_frame'] + seg['frames'] - 1}: "
               + ", ".join(parts)
               + f"; ΔPSNR {pa['y'] - pb['y']:+.3f}/{pa['u'] - pb['u']:+.3f}/{pa['v'] - pb['v']:+.3f}")
-    if d.get("outputs"):
+    if d.get("outputs") and d["outputs"]["side"] is None:
+        print(f"  wrote {d['outputs']['hevc']}, no side stream: no picture is filtered (the plain stream is "
+              f"the result)")
+    elif d.get("outputs"):
         side = "its side stream in-band (SEI)" if d.get("embedded") else d["outputs"]["side"]
         print(f"  wrote {d['outputs']['hevc']} and {side}")
     for c in d.get("commands", []):

@@ -102,7 +102,8 @@ def cmd_transcode(args: argparse.Namespace) -> int:
         pb, pa = data["psnr_before"], data["psnr_after"]
         out.write(f"{args.input} → {args.output} ({container}): {data['frames']} frames {data['mode']} QP "
                   f"{data['qp']}, {data['hevc_bytes']} + {data['side_bytes']} bytes of in-band SEI "
-                  f"(sidecar would be {data['sidecar_bytes']}); PSNR Y {pb['y']:.3f} → {pa['y']:.3f} dB, "
+                  + (f"(sidecar would be {data['sidecar_bytes']}); " if "sidecar_bytes" in data else
+                     "(no picture filtered: none); ") + f"PSNR Y {pb['y']:.3f} → {pa['y']:.3f} dB, "
                   f"U {pb['u']:.3f} → {pa['u']:.3f}, V {pb['v']:.3f} → {pa['v']:.3f}; {data['seconds']:.1f} s\n")
     return 0
 

@@ -298,8 +298,9 @@ def _time_decodes(hevc: Path, side: Path, workdir: Path, kernel: str, repeats: i
     (the first decode in a process pays for loading the decoder and the kernel)."""
     from .pipeline import decode
 
+    side_path = str(side) if side.is_file() else None  # none when the encode filters no picture
     decode(str(hevc), str(workdir / "plain.yuv"), None, kernel=kernel)
-    decode(str(hevc), str(workdir / "filtered.yuv"), str(side), kernel=kernel)
+    decode(str(hevc), str(workdir / "filtered.yuv"), side_path, kernel=kernel)
     plain: list[float] = []
     filtered: list[float] = []
     verified = applied = 0
@@ -308,7 +309,7 @@ def _time_decodes(hevc: Path, side: Path, workdir: Path, kernel: str, repeats: i
         decode(str(hevc), str(workdir / "plain.yuv"), None, kernel=kernel)
         plain.append(time.perf_counter() - t)
         t = time.perf_counter()
-        rep = decode(str(hevc), str(workdir / "filtered.yuv"), str(side), kernel=kernel)
+        rep = decode(str(hevc), str(workdir / "filtered.yuv"), side_path, kernel=kernel)
         filtered.append(time.perf_counter() - t)
         verified, applied = rep.verified_records, rep.filtered_records
         decode_kernel = rep.kernel

@@ -30,7 +30,7 @@ from .metrics import PsnrAccumulator, kbps, sse
 from .quant import QuantConfig, QuantizedNetwork, derive
 from .reference import IntNetwork
 from .sidecar import (HashType, PictureHash, Record, RecordType, SideStream, StreamHeader, check_stream_matches,
-                      picture_crc, record_payload)
+                      merge_off_runs, picture_crc, record_payload)
 from .files import atomic_output, atomic_outputs, check_input, check_output, written_in_place
 from .yuv import Frame, MemmapSource, VideoFormat, VideoSource, VideoWriter, is_y4m_name, open_video, parse_fps
 
@@ -339,31 +339,43 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
                 records.append(rec)
                 decisions[seg.index][group] = dec
                 train_seconds += dec.train_seconds
-        side = SideStream(header, tuple(records))
-        side_bytes = side.to_bytes()
+        # every decision is known: a run of OFF records of a group is one record; when nothing is
+        # filtered there is no side stream at all (the plain stream decodes to the same pictures)
+        merged, heads = merge_off_runs(records)
+        side = SideStream(header, tuple(merged)) if any(r.type is not RecordType.OFF for r in merged) else None
+        unit_bytes = [5 + len(p) for p in side.record_payloads()] if side is not None else []
+        for rec, head in zip(records, heads):
+            decisions[rec.segment][rec.group].side_bytes = unit_bytes[head] if side is not None and head is not None else 0
+        side_bytes = side.to_bytes() if side is not None else b""
         hevc_bytes = result.bitstream.stat().st_size
         embedded = None
-        if config.embed:  # one file; its real size is the rate: side_bytes = embedded - plain
+        if config.embed and side is not None:  # one file; its real size is the rate: side_bytes = embedded - plain
             from .sei import embed as embed_sei
 
             embedded = embed_sei(result.bitstream.read_bytes(), side, origin=str(result.bitstream))
         if outputs:  # published together: both files or neither
-            with atomic_outputs(*outputs) as handles:
+            with atomic_outputs(*outputs[:1 if side is None else 2]) as handles:
                 if embedded is not None:
                     handles[0].write(embedded)
                 else:
                     with open(result.bitstream, "rb") as inp:
                         shutil.copyfileobj(inp, handles[0])
-                    handles[1].write(side_bytes)
+                    if len(handles) > 1:
+                        handles[1].write(side_bytes)
             stale = Path(str(output_base) + ".nlf")
-            if embedded is not None and stale.is_file():  # of an earlier encode, whose BASE.hevc is gone now
+            if (config.embed or side is None) and stale.is_file():  # of an earlier encode, whose BASE.hevc is gone
                 stale.unlink()
-                log.warning("removed %s, the side stream of an earlier encode to the same name (this stream "
-                            "carries its records inside)", stale)
+                log.warning("removed %s, the side stream of an earlier encode to the same name (%s)", stale,
+                            "this stream carries its records inside" if side is not None else
+                            "this encode filters no picture: it has no side stream")
         report = _report(fmt, coding, config, result, segments, decisions,
                          len(side_bytes) if embedded is None else len(embedded) - hevc_bytes, hevc_bytes,
                          time.perf_counter() - t0, train_seconds, kernel.name, output_base)
-        if embedded is not None:
+        if side is None:
+            report.update(side_stream=False)
+            if report["outputs"]:
+                report["outputs"]["side"] = None
+        elif embedded is not None:
             report.update(embedded=True, sidecar_bytes=len(side_bytes), file_bytes=len(embedded))
             if report["outputs"]:
                 report["outputs"]["side"] = f"in-band SEI of {report['outputs']['hevc']}"

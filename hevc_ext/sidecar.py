@@ -11,7 +11,7 @@ import binascii
 import enum
 import hashlib
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Iterable, Iterator, Sequence
 
@@ -78,6 +78,30 @@ class Record:
     @property
     def frames(self) -> range:
         return range(self.first_frame, self.first_frame + self.frame_count)
+
+
+def merge_off_runs(records: Sequence[Record]) -> tuple[list[Record], list[int | None]]:
+    """The records with each run of consecutive OFF records of a group (adjacent frames) made one OFF
+    record covering them all (up to MAX_COUNT_MINUS1 + 1 pictures), where the run's first one was. Also
+    returns, for each record given, the index of its merged record if it heads one, else None."""
+    out: list[Record] = []
+    heads: list[int | None] = []
+    open_run: dict[Group, int] = {}  # group -> index in out of its OFF record still open for merging
+    for rec in records:
+        k = open_run.get(rec.group)
+        if rec.type is RecordType.OFF and k is not None and (
+                out[k].first_frame + out[k].frame_count == rec.first_frame
+                and out[k].frame_count + rec.frame_count <= MAX_COUNT_MINUS1 + 1):
+            out[k] = replace(out[k], frame_count=out[k].frame_count + rec.frame_count)
+            heads.append(None)
+            continue
+        if rec.type is RecordType.OFF:
+            open_run[rec.group] = len(out)
+        else:
+            open_run.pop(rec.group, None)
+        heads.append(len(out))
+        out.append(rec)
+    return out, heads
 
 
 def crc16(data: bytes) -> int:

@@ -285,8 +285,8 @@ def test_stdin_y4m_encode(make_clip, tmp_path, monkeypatch):
     buf.seek(0)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(buf))
     # -o naming the stream (p.hevc) gives the base p: p.hevc and p.nlf, not p.hevc.hevc
-    rc = main(["encode", "-", "-o", str(tmp_path / "p.hevc"), "--qp", "40", "--iterations", "3", "--batch", "4",
-               "--patch", "16", "-q"])
+    rc = main(["encode", "-", "-o", str(tmp_path / "p.hevc"), "--qp", "37", "--iterations", "40", "--batch", "8",
+               "--patch", "32", "--lambda-scale", "0.001", "-q"])
     assert rc == 0 and (tmp_path / "p.hevc").stat().st_size > 0
     assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith("p.")) == ["p.hevc", "p.nlf"]
 
@@ -530,3 +530,31 @@ def test_encode_without_torch_says_how_to_install_it(make_clip, tmp_path, monkey
     err = capsys.readouterr().err
     assert "PyTorch, which is not installed: pip install 'hevc-nlf[train]'" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [clip.name]
+
+
+def test_nothing_filtered_means_no_side_stream(make_clip, tmp_path, capsys):
+    """An encode that filters no picture writes the plain stream alone (it decodes to the same pictures),
+    counts no side bytes, and removes a BASE.nlf of an earlier encode; merged OFF runs elsewhere: an
+    encode whose luma is off throughout carries one luma record."""
+    clip = make_clip(n=8, width=64, height=48)
+    (tmp_path / "p.nlf").write_bytes(b"left over")
+    assert main(["encode", str(clip), "-o", str(tmp_path / "p"), "--intra-period", "4", "--no-filter", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert not (tmp_path / "p.nlf").exists() and rep["side_bytes"] == 0 and rep["outputs"]["side"] is None
+    assert rep["kbps_after"] == rep["kbps_before"] and rep["psnr_after"] == rep["psnr_before"]
+    assert all(g["side_bytes"] == 0 for s in rep["segments"] for g in s["groups"].values())
+    drep = decode(str(tmp_path / "p.hevc"), str(tmp_path / "p.yuv"))
+    assert drep.frames == 8 and drep.side_stream == ""
+    # at this price of side bits luma does not pay here, chroma does: OFF records are merged (no two in a
+    # row for a group), and each segment's side bytes are those of the records written for it
+    rep = encode(str(clip), str(tmp_path / "q"), _config("ldp", lambda_scale=0.1)).data
+    side = read_side_stream(str(tmp_path / "q.nlf"))
+    decided = {g: [s["groups"][g]["decision"] for s in rep["segments"]] for g in ("y", "uv")}
+    assert "off" in decided["y"] and any(d != "off" for d in decided["uv"]), decided
+    for g in (Group.Y, Group.UV):
+        types = [r.type for r in side.records_by_group(g)]
+        assert not any(a is b is RecordType.OFF for a, b in zip(types, types[1:])), types
+        assert len(types) == len(decided[g.label]) - sum(
+            a == b == "off" for a, b in zip(decided[g.label], decided[g.label][1:]))
+    assert sum(g["side_bytes"] for s in rep["segments"] for g in s["groups"].values()) < rep["side_bytes"]
+    assert rep["side_bytes"] == (tmp_path / "q.nlf").stat().st_size

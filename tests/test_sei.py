@@ -433,7 +433,8 @@ def test_encode_embed_reports_the_real_file_size(tmp_path, capsys):
         w = VideoWriter(f, fmt, y4m=True)
         for fr in synthetic_frames(6):
             w.write(fr)
-    args = [str(tmp_path / "clip.y4m"), "--intra-period", "4", "--no-filter", "--kernel", "reference", "--json", "-q"]
+    args = [str(tmp_path / "clip.y4m"), "--intra-period", "4", "--iterations", "40", "--batch", "4", "--patch", "16",
+            "--lambda-scale", "0.001", "--kernel", "reference", "--json", "-q"]
     capsys.readouterr()
     assert main(["encode", *args, "-o", str(tmp_path / "e"), "--embed"]) == 0
     rep = json.loads(capsys.readouterr().out)
@@ -442,11 +443,18 @@ def test_encode_embed_reports_the_real_file_size(tmp_path, capsys):
     assert rep["embedded"] and rep["hevc_bytes"] + rep["side_bytes"] == rep["file_bytes"] == size
     assert main(["encode", *args, "-o", str(tmp_path / "s")]) == 0
     rep_s = json.loads(capsys.readouterr().out)
-    assert rep["sidecar_bytes"] == rep_s["side_bytes"] == (tmp_path / "s.nlf").stat().st_size
-    # two segments → two SEI NAL units of 25 bytes overhead each, and no 4-byte magic
-    assert rep["side_bytes"] == rep["sidecar_bytes"] - 4 + 2 * 25
+    assert rep_s["side_bytes"] == (tmp_path / "s.nlf").stat().st_size
+    # one SEI NAL unit in each access unit that carries records: together they are the side bytes, and
+    # their contents the sidecar's units (without its 4-byte magic)
+    plain = sei.strip((tmp_path / "e.hevc").read_bytes())
+    side = sei.extract((tmp_path / "e.hevc").read_bytes())[1]
+    n_sei = len(set(sei.carriers(sei.display_order(plain), side.records)[1]) | {0})
+    ours = [n for n in sei.split_nal_units((tmp_path / "e.hevc").read_bytes())[0]
+            if sei.our_contents(n, "e.hevc") is not None]
+    assert len(ours) == n_sei and rep["side_bytes"] == sum(len(n.prefix) + len(n.data) for n in ours)
+    assert sum(len(c) for n in ours for c in sei.our_contents(n, "e.hevc")) == rep["sidecar_bytes"] - 4
     main(["extract", str(tmp_path / "e.hevc"), "-o", str(tmp_path / "x.nlf"), "-q"])
-    assert (tmp_path / "x.nlf").read_bytes() == (tmp_path / "s.nlf").read_bytes()
+    assert (tmp_path / "x.nlf").read_bytes() == side.to_bytes() and len(side.to_bytes()) == rep["sidecar_bytes"]
     assert len(sei.strip((tmp_path / "e.hevc").read_bytes())) == rep["hevc_bytes"]
     # (x265 through av is not bit-exact between runs here, so the two plain streams are not compared)
 
@@ -466,7 +474,8 @@ def test_embedding_encode_replaces_an_earlier_sidecar(tmp_path, capsys, caplog):
         w = VideoWriter(f, fmt, y4m=True)
         for fr in synthetic_frames(6):
             w.write(fr)
-    common = [str(tmp_path / "clip.y4m"), "--intra-period", "4", "--no-filter", "--kernel", "reference"]
+    common = [str(tmp_path / "clip.y4m"), "--intra-period", "4", "--iterations", "40", "--batch", "4", "--patch", "16",
+              "--lambda-scale", "0.001", "--kernel", "reference"]
     assert main(["encode", *common, "-o", str(tmp_path / "other"), "--qp", "38", "-q"]) == 0  # another encode
     assert main(["encode", *common, "-o", str(tmp_path / "b"), "-q"]) == 0
     assert (tmp_path / "b.nlf").is_file()

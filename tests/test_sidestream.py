@@ -437,3 +437,28 @@ def test_decoder_rejects_difference_coded_weights_outside_the_config():
     bad_wide = QuantizedNetwork(a.group, a.packing, a.arch, wide, tuple(bad_layers))
     back = decode_network(encode_network(bad_wide, a_wide), a.group, a.packing, a.arch, wide, prev=a_wide)
     assert back.equals(bad_wide)
+
+
+def test_merge_off_runs():
+    """Runs of OFF records of a group become one record (where the run began); other records, and the
+    other group's, keep their places; a run stops at the frame_count limit."""
+    from hevc_ext.sidecar import MAX_COUNT_MINUS1, merge_off_runs
+
+    def rec(t, g, s, first, n):
+        return Record(t, g, s, first, n)
+
+    Y, UV = Group.Y, Group.UV
+    recs = []
+    plan = {Y: [RecordType.OFF, RecordType.OFF, RecordType.REUSE, RecordType.OFF, RecordType.OFF],
+            UV: [RecordType.OFF] * 5}
+    for s in range(5):
+        for g in (Y, UV):
+            recs.append(rec(plan[g][s], g, s, 4 * s, 4))
+    merged, heads = merge_off_runs(recs)
+    assert [(r.type, r.group, r.segment, r.first_frame, r.frame_count) for r in merged] == [
+        (RecordType.OFF, Y, 0, 0, 8), (RecordType.OFF, UV, 0, 0, 20), (RecordType.REUSE, Y, 2, 8, 4),
+        (RecordType.OFF, Y, 3, 12, 8)]
+    assert heads == [0, 1, None, None, 2, None, 3, None, None, None]
+    big = MAX_COUNT_MINUS1 // 2  # two fit in one record (frame_count_minus1 ≤ MAX_COUNT_MINUS1), three do not
+    merged, heads = merge_off_runs([rec(RecordType.OFF, Y, s, s * big, big) for s in range(3)])
+    assert [r.frame_count for r in merged] == [2 * big, big] and heads == [0, None, 1]
