@@ -254,9 +254,6 @@ class _GroupState:
         self.reference: QuantizedNetwork | None = None
         self.reference_int: IntNetwork | None = None
         self.reference_train: Any = None
-        # packing -> the last network trained (signalled or not): where the next GoP's training starts
-        # when the group has no reference of that packing
-        self.last_train: dict[Packing, Any] = {}
 
 
 def reference_credit(gain_bits_per_picture: float, reuse_bits: float, later_frames: tuple[int, ...],
@@ -462,21 +459,15 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
         for packing in config.packings(group, fmt.width, fmt.height):
             prev = state.reference_train if (low_delay and state.reference_train is not None and
                                               state.reference_train.net.packing == packing) else None
-            # low delay without a reference: start from the previous GoP's network all the same (fine-tuned
-            # like an update, without the code-length term: it is coded as NEW); a group that stays off
-            # is then not trained from scratch in every GoP
-            warm = prev if prev is not None else (state.last_train.get(packing) if low_delay else None)
 
             def train_progress(done: int, total: int, packing: Packing = packing) -> None:
                 if progress:
                     progress("train", done, total, f"{label} {packing}")
 
-            tr = train(data, config.arch(group), packing, tcfg, init=warm.net if warm else None,
+            tr = train(data, config.arch(group), packing, tcfg, init=prev.net if prev else None,
                        previous=prev.normalised() if prev else None, progress=train_progress)
             train_seconds += tr.seconds
             trained[packing] = tr
-            if low_delay:
-                state.last_train[packing] = tr
             from .quant import quantize, quantize_anchored, refine
 
             qcfgs = list(config.quant_candidates)

@@ -560,27 +560,3 @@ def test_nothing_filtered_means_no_side_stream(make_clip, tmp_path, capsys):
     assert sum(g["side_bytes"] for s in rep["segments"] for g in s["groups"].values()) < rep["side_bytes"]
     assert rep["side_bytes"] == (tmp_path / "q.nlf").stat().st_size
 
-
-def test_low_delay_training_starts_from_the_previous_gop(make_clip, tmp_path, monkeypatch):
-    """Low delay: every GoP after the first fine-tunes the group's previous network, whether that was
-    signalled (then with the code-length term towards it) or not (a group that stays off is not trained
-    from scratch each time); random access trains each segment from scratch."""
-    import hevc_ext.train as train_mod
-
-    calls = []
-    real = train_mod.train
-
-    def spy(data, arch, packing, cfg, init=None, previous=None, progress=None):
-        calls.append((data.group, init is not None, previous is not None))
-        return real(data, arch, packing, cfg, init, previous, progress)
-
-    monkeypatch.setattr(train_mod, "train", spy)
-    clip = make_clip(n=6, width=64, height=48)
-    rep = encode(str(clip), str(tmp_path / "l"), _config("ldp")).data
-    for group in (Group.Y, Group.UV):
-        decided = [s["groups"][group.label]["decision"] for s in rep["segments"]]
-        signalled = [any(d.startswith("new") for d in decided[:k]) for k in range(len(decided))]
-        assert [(i, p) for g, i, p in calls if g is group] == [(k > 0, signalled[k]) for k in range(3)], decided
-    calls.clear()
-    encode(str(clip), str(tmp_path / "r"), _config("ra"))
-    assert calls and not any(i for _, i, _ in calls)
