@@ -421,20 +421,26 @@ def test_cli_extract_strip_and_decode_to_stdout(ra_clip, tmp_path, capsysbinary)
     assert (tmp_path / "ok.hevc").read_bytes() == ra_clip["plain"]
 
 
+def _cheap_encode_args(tmp_path) -> list[str]:
+    """Writes a 6-picture Y4M clip into ``tmp_path``; `hevc-nlf encode` arguments for it that train cheap
+    networks still worth signalling (a side stream with records of every kind the test needs)."""
+    from hevc_ext.yuv import VideoWriter
+
+    with open(tmp_path / "clip.y4m", "wb") as f:
+        w = VideoWriter(f, VideoFormat(W, H, Fraction(25), 8), y4m=True)
+        for fr in synthetic_frames(6):
+            w.write(fr)
+    return [str(tmp_path / "clip.y4m"), "--intra-period", "4", "--iterations", "40", "--batch", "4", "--patch", "16",
+            "--lambda-scale", "0.001", "--kernel", "reference"]
+
+
 def test_encode_embed_reports_the_real_file_size(tmp_path, capsys):
-    """`encode --embed` (no training: --no-filter) writes one stream; hevc + side bytes = its size."""
+    """`encode --embed` writes one stream; hevc + side bytes = its size."""
     import json
 
     from hevc_ext.cli import main
-    from hevc_ext.yuv import VideoWriter
 
-    fmt = VideoFormat(W, H, Fraction(25), 8)
-    with open(tmp_path / "clip.y4m", "wb") as f:
-        w = VideoWriter(f, fmt, y4m=True)
-        for fr in synthetic_frames(6):
-            w.write(fr)
-    args = [str(tmp_path / "clip.y4m"), "--intra-period", "4", "--iterations", "40", "--batch", "4", "--patch", "16",
-            "--lambda-scale", "0.001", "--kernel", "reference", "--json", "-q"]
+    args = _cheap_encode_args(tmp_path) + ["--json", "-q"]
     capsys.readouterr()
     assert main(["encode", *args, "-o", str(tmp_path / "e"), "--embed"]) == 0
     rep = json.loads(capsys.readouterr().out)
@@ -467,15 +473,8 @@ def test_embedding_encode_replaces_an_earlier_sidecar(tmp_path, capsys, caplog):
     import logging
 
     from hevc_ext.cli import main
-    from hevc_ext.yuv import VideoWriter
 
-    fmt = VideoFormat(W, H, Fraction(25), 8)
-    with open(tmp_path / "clip.y4m", "wb") as f:
-        w = VideoWriter(f, fmt, y4m=True)
-        for fr in synthetic_frames(6):
-            w.write(fr)
-    common = [str(tmp_path / "clip.y4m"), "--intra-period", "4", "--iterations", "40", "--batch", "4", "--patch", "16",
-              "--lambda-scale", "0.001", "--kernel", "reference"]
+    common = _cheap_encode_args(tmp_path)
     assert main(["encode", *common, "-o", str(tmp_path / "other"), "--qp", "38", "-q"]) == 0  # another encode
     assert main(["encode", *common, "-o", str(tmp_path / "b"), "-q"]) == 0
     assert (tmp_path / "b.nlf").is_file()
