@@ -475,24 +475,31 @@ def _cuda_library() -> tuple[ctypes.CDLL, Path]:
     return _cuda_lib.get()
 
 
+def _cuda_driver() -> ctypes.CDLL | None:
+    """The NVIDIA driver's library (libcuda), or None where no driver is installed."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
 def cuda_driver_device_count() -> int:
     """CUDA devices the NVIDIA driver reports, asked through libcuda directly (nothing is built);
     0 without a driver. For cheap checks such as skipping GPU tests."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            drv = ctypes.CDLL(name)
-        except OSError:
-            continue
-        try:
-            if drv.cuInit(0) != 0:
-                return 0
-            n = ctypes.c_int(0)
-            if drv.cuDeviceGetCount(ctypes.byref(n)) != 0:
-                return 0
-            return int(n.value)
-        except AttributeError:
+    drv = _cuda_driver()
+    if drv is None:
+        return 0
+    try:
+        if drv.cuInit(0) != 0:
             return 0
-    return 0
+        n = ctypes.c_int(0)
+        if drv.cuDeviceGetCount(ctypes.byref(n)) != 0:
+            return 0
+        return int(n.value)
+    except AttributeError:
+        return 0
 
 
 def cuda_check_host(planes: Sequence[np.ndarray], net: IntNetwork, bitdepth: int) -> list[np.ndarray]:
@@ -538,6 +545,8 @@ def _cuda_kernel(threads: int | None = None) -> CudaKernel:
     n = int(lib.nlf_cuda_device_count())
     if n <= 0:
         detail = lib.nlf_last_error().decode(errors="replace")
+        if _cuda_driver() is None:  # the runtime calls that "driver version is insufficient"
+            detail = "no NVIDIA driver (libcuda) is installed on this machine"
         raise KernelError("CUDA kernel built but not usable: no CUDA device" + (f" ({detail})" if detail else ""))
     return CudaKernel(lib, path, threads)
 
