@@ -273,9 +273,13 @@ def reference_credit(gain_bits_per_picture: float, reuse_bits: float, later_fram
     return total
 
 
+def _unit_bytes(payload: bytes) -> int:
+    """A framed unit's size: kind (1) + size (2) + payload + crc16 (2)."""
+    return 5 + len(payload)
+
+
 def _record_bytes(rec: Record, hash_type: HashType, ref: QuantizedNetwork | None) -> int:
-    # unit framing: kind (1) + size (2) + payload + crc16 (2)
-    return 5 + len(record_payload(rec, hash_type, ref))
+    return _unit_bytes(record_payload(rec, hash_type, ref))
 
 
 def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, size: str | None = None,
@@ -343,7 +347,7 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
         # filtered there is no side stream at all (the plain stream decodes to the same pictures)
         merged, heads = merge_off_runs(records)
         side = SideStream(header, tuple(merged)) if any(r.type is not RecordType.OFF for r in merged) else None
-        unit_bytes = [5 + len(p) for p in side.record_payloads()] if side is not None else []
+        unit_bytes = [_unit_bytes(p) for p in side.record_payloads()] if side is not None else []
         for rec, head in zip(records, heads):
             decisions[rec.segment][rec.group].side_bytes = unit_bytes[head] if side is not None and head is not None else 0
         side_bytes = side.to_bytes() if side is not None else b""
@@ -372,7 +376,6 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
                          len(side_bytes) if embedded is None else len(embedded) - hevc_bytes, hevc_bytes,
                          time.perf_counter() - t0, train_seconds, kernel.name, output_base)
         if side is None:
-            report.update(side_stream=False)
             if report["outputs"]:
                 report["outputs"]["side"] = None
         elif embedded is not None:
