@@ -512,11 +512,16 @@ def _not_installed(monkeypatch: pytest.MonkeyPatch, *stems: str) -> None:
     monkeypatch.setattr(nativebuild, "prebuilt_library", lambda stem, env: None if stem in stems else real(stem, env))
 
 
+def _no_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine whose driver reports no CUDA device (the tests of auto's CPU fallbacks run the
+    same on a GPU machine, where auto would otherwise take the CUDA kernel)."""
+    monkeypatch.setattr(kernels, "cuda_driver_device_count", lambda: 0)
+
+
 def test_auto_does_not_build_cuda_without_a_device(isolated_loader: pytest.MonkeyPatch) -> None:
     """Building is decided by nvcc (at install); *using* CUDA needs a device, so on a machine without
     one ``auto`` neither builds nor loads the CUDA kernel."""
-    if kernels.cuda_driver_device_count():
-        pytest.skip("this machine has a CUDA device")
+    _no_cuda_device(isolated_loader)
     calls = []
     isolated_loader.setattr(nativebuild, "compile_library", lambda *a, **k: calls.append(a))
     k = kernels.get_kernel("auto")
@@ -550,6 +555,7 @@ def test_no_nvcc_means_no_cuda(isolated_loader: pytest.MonkeyPatch) -> None:
 
 def test_auto_falls_back_to_reference_with_a_warning(isolated_loader: pytest.MonkeyPatch,
                                                      caplog: pytest.LogCaptureFixture) -> None:
+    _no_cuda_device(isolated_loader)
     isolated_loader.setattr(kernels, "find_nvcc", lambda: None)
     _not_installed(isolated_loader, "_nlf_cpu")
     isolated_loader.setattr(nativebuild, "find_cxx", lambda: None)
@@ -601,6 +607,7 @@ def test_a_named_library_is_never_replaced_by_auto(isolated_loader: pytest.Monke
     from hevc_ext.errors import NamedLibraryError
 
     missing = tmp_path / "nowhere" / "lib.so"
+    _no_cuda_device(isolated_loader)  # with a device, auto takes CUDA and never opens the C++ library
     isolated_loader.setenv("HEVC_NLF_CPU_LIB", str(missing))
     with pytest.raises(NamedLibraryError, match="HEVC_NLF_CPU_LIB"):
         kernels.get_kernel("auto")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import subprocess
 from fractions import Fraction
 
@@ -419,6 +420,41 @@ def test_cli_extract_strip_and_decode_to_stdout(ra_clip, tmp_path, capsysbinary)
     assert b"CRC mismatch" in capsysbinary.readouterr().err
     assert main(["strip", str(tmp_path / "bad.hevc"), "-o", str(tmp_path / "ok.hevc"), "-q"]) == 0
     assert (tmp_path / "ok.hevc").read_bytes() == ra_clip["plain"]
+
+
+def test_decode_gives_the_same_pictures_with_every_kernel(ra_clip, tmp_path, capsys):
+    """`hevc-nlf decode --kernel K` for every kernel this machine has (the reference always, the C++
+    kernel where it was built, CUDA where a device is present; auto picks one of them): byte-identical
+    output, each verified against the stream's hashes, and not the unfiltered pictures."""
+    import json
+
+    from hevc_ext import kernels
+    from hevc_ext.cli import main
+
+    emb = tmp_path / "e.hevc"
+    emb.write_bytes(ra_clip["embedded"])
+    names = ["reference", "auto"]
+    for name in ("cpu", "cuda"):
+        try:
+            kernels.get_kernel(name)
+            names.append(name)
+        except kernels.KernelError:
+            pass
+    if os.environ.get("HEVC_NLF_REQUIRE_NATIVE") == "1":
+        assert "cpu" in names  # CI builds the C++ kernel: this test must compare it
+    outputs = {}
+    for name in names:
+        out = tmp_path / f"{name}.yuv"
+        capsys.readouterr()
+        assert main(["decode", str(emb), "-o", str(out), "--kernel", name, "--json"]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["records_verified"] > 0 and rep["frames"] == len(ra_clip["frames"])
+        # auto takes the first of cuda, cpu, reference that this machine has
+        assert rep["kernel"] == (name if name != "auto" else next(k for k in ("cuda", "cpu", "reference") if k in names))
+        outputs[name] = out.read_bytes()
+    assert all(o == outputs["reference"] for o in outputs.values())
+    unfiltered = b"".join(np.concatenate([p.reshape(-1) for p in f.planes]).tobytes() for f in ra_clip["recon"])
+    assert len(unfiltered) == len(outputs["reference"]) and unfiltered != outputs["reference"]
 
 
 def _cheap_encode_args(tmp_path) -> list[str]:
