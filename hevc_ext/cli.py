@@ -281,6 +281,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     print(f"hevc-nlf {data['version']} (python {data['python']})")
+    m = data["machine"]
+    print(f"  machine      {m['cpu']}, {m['cpus']} CPUs, {m['os']}")
     for name, ver in data["packages"].items():
         print(f"  {name:12s} {ver}")
     print("backends:")
@@ -306,6 +308,7 @@ def collect_info() -> dict:
     import av
     import numpy
 
+    from . import machine
     from .backends import BACKENDS, get_backend
     from .kernels import kernel_report
 
@@ -333,6 +336,7 @@ def collect_info() -> dict:
         except NlfError as exc:
             backends[name] = {"available": False, "detail": str(exc), "version": None}
     return {"version": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "machine": machine.describe(),
             "packages": packages, "backends": backends, "kernels": kernel_report(), "training": _training_report()}
 
 

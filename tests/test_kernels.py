@@ -362,6 +362,10 @@ def test_every_cpu_code_path(isa: str) -> None:
         for edge in (False, True):  # the folded requantisation
             net = _fold_network(rng, group, Packing(1, 2), Architecture(), edge)
             _assert_same(k, _planes(rng, group, (13, 40), 10), net, 10)
+        # rows of 301 packed columns: longer than one chunk of the AVX2 depth-wise layers (16 vectors
+        # of 8) and than one step group of every path, with a ragged tail
+        net = _fold_network(rng, group, Packing(1, 1), Architecture(), False)
+        _assert_same(k, _planes(rng, group, (6, 301), 8), net, 8)
 
 
 def test_thread_counts_agree() -> None:
@@ -510,6 +514,19 @@ def _not_installed(monkeypatch: pytest.MonkeyPatch, *stems: str) -> None:
     """As if ``pip install`` had not built the libraries ``stems`` (e.g. "_nlf_cpu")."""
     real = nativebuild.prebuilt_library
     monkeypatch.setattr(nativebuild, "prebuilt_library", lambda stem, env: None if stem in stems else real(stem, env))
+
+
+def test_machine_names_the_processor(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Benchmarks and `hevc-nlf info` name the processor: /proc/cpuinfo's model name (x86 and Arm
+    spellings), else what ``platform`` knows."""
+    from hevc_ext import machine
+
+    (tmp_path / "x86").write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD  EPYC 7B13\n")
+    (tmp_path / "arm").write_text("processor\t: 0\nBogoMIPS\t: 50.00\n\nModel\t\t: Raspberry Pi 4 Model B\n")
+    assert machine.cpu_model(tmp_path / "x86") == "AMD EPYC 7B13"
+    assert machine.cpu_model(tmp_path / "arm") == "Raspberry Pi 4 Model B"
+    assert machine.cpu_model(tmp_path / "missing") != ""  # platform's answer, never empty
+    assert machine.summary().startswith(machine.describe()["cpu"])  # type: ignore[arg-type]
 
 
 def _no_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -778,6 +795,7 @@ def test_info_reports_kernels_and_training_engine(isolated_loader: pytest.Monkey
         assert main(["info", "--json"]) == 0
         data = json.loads(capsys.readouterr().out)
         assert data["kernels"]["active"] == kernels.get_kernel("auto").name
+        assert data["machine"]["cpus"] >= 1 and data["machine"]["cpu"]  # where the figures come from
         ok, why = trainkernel.available()
         assert data["training"] == {"available": ok, "reason": why, "active": "cpu" if ok else "torch"}
         if HAVE_CPU:

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hevc_ext import pipeline  # noqa: E402
+from hevc_ext import machine, pipeline  # noqa: E402
 from hevc_ext.backends import CodingConfig  # noqa: E402
 from hevc_ext.train import TrainConfig  # noqa: E402
 
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {m: statistics.median(v) for m, v in times.items()}
     res = {
         "clip": args.clip.name, "frames": args.frames, "rounds": args.rounds, "cpus": os.cpu_count(),
+        "machine": machine.summary(),
         "filtered_groups": {g: d["decision"] for seg in rep["segments"] for g, d in seg["groups"].items()},
         "hash": rep.get("hash"),
         "ms_per_picture": {m: round(v, 2) for m, v in med.items()},

@@ -35,7 +35,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,7 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hevc_ext import kernels, reference  # noqa: E402
+from hevc_ext import kernels, machine, reference  # noqa: E402
 from hevc_ext.arch import Architecture, Group  # noqa: E402
 from hevc_ext.pipeline import default_packing  # noqa: E402
 from hevc_ext.quant import QuantConfig  # noqa: E402
@@ -347,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {
         "kernel": kern.name, "isa": getattr(kern, "isa_name", None), "threads": args.threads,
         "networks": args.networks, "settle_ms": args.settle_ms,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}",
+        "machine": machine.summary(),
         "torch": __import__("torch").__version__ if torch_ok else None, "rows": [],
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
     }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hevc_ext import machine
 from hevc_ext.arch import Architecture, Group, Packing
 from hevc_ext.model import NlfNet, pack, unpack
 from hevc_ext.trainkernel import TrainEngine, available
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"C++ training engine unavailable: {why}", file=sys.stderr)
         return 1
     results = [bench_one(name, th, args) for th in args.threads for name in args.configs]
-    doc = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "engine": why,
+    doc = {"machine": machine.summary(), "torch": torch.__version__, "engine": why,
            "results": results}
     if args.out:
         with open(args.out, "w") as f:

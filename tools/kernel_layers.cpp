@@ -1,14 +1,19 @@
 // kernel_layers.cpp — cycles per packed pixel of each row kernel of the C++ filter (a tool, not a test).
 //
-// Includes kernels/filter_cpu.cpp to call its AVX-512 row kernels directly on L1/L2-resident rows
+// Includes kernels/filter_cpu.cpp to call its row kernels (AVX-512; -DNS=nlf_avx2 for the AVX2 ones)
+// directly on L1/L2-resident rows
 // (one 5x12 network with the ranges the encoder signals, so every layer takes the folded
 // requantisation), best of 20 x 200 calls each, and converts to cycles with a clock calibrated by a
 // chain of dependent imul (3 cycles each). Run it several times and take the minimum on a shared
-// machine. Needs an AVX-512 VNNI CPU.
+// machine. The AVX-512 kernels need an AVX-512 VNNI CPU.
 //
 //   g++ -O3 -std=c++17 -pthread tools/kernel_layers.cpp -o kernel_layers && ./kernel_layers [columns]
+//   g++ -O3 -std=c++17 -pthread -DNS=nlf_avx2 tools/kernel_layers.cpp -o kernel_layers_avx2
 //   output per kernel: name, ns per call, ns per pixel, cycles per pixel, GHz
 #include "../kernels/filter_cpu.cpp"
+#ifndef NS
+#define NS nlf_avx512
+#endif
 #include <chrono>
 #include <random>
 int main(int argc, char** argv) {
@@ -57,9 +62,9 @@ int main(int argc, char** argv) {
         }
         printf("%s %.1f %.3f %.2f %.2f\n", name, best * 1e9, best * 1e9 / pixels, best * ghz * 1e9 / pixels, ghz);
     };
-    bench("dw2", [&] { nlf_avx512::dw2(P.L[1], A.data(), B.data(), o0.data(), o1.data(), WB, nlf::LM, n); }, 2.0 * n);
-    bench("pw2_vp_L3", [&] { nlf_avx512::pw2_vp(P.L[2], cp.data(), cp.data(), vp.data(), WB, nlf::LM, n, true, true); }, 2.0 * n);
-    bench("pw2_vp_L1", [&] { nlf_avx512::pw2_vp(P.L[0], cp.data(), cp.data(), vp.data(), WB, nlf::LM, n, true, true); }, 2.0 * n);
-    bench("pw_L5", [&] { nlf_avx512::pw_row(P.L[4], cp.data(), o0.data(), WB, nlf::LM, n); }, 1.0 * n);
+    bench("dw2", [&] { NS::dw2(P.L[1], A.data(), B.data(), o0.data(), o1.data(), WB, nlf::LM, n); }, 2.0 * n);
+    bench("pw2_vp_L3", [&] { NS::pw2_vp(P.L[2], cp.data(), cp.data(), vp.data(), WB, nlf::LM, n, true, true); }, 2.0 * n);
+    bench("pw2_vp_L1", [&] { NS::pw2_vp(P.L[0], cp.data(), cp.data(), vp.data(), WB, nlf::LM, n, true, true); }, 2.0 * n);
+    bench("pw_L5", [&] { NS::pw_row(P.L[4], cp.data(), o0.data(), WB, nlf::LM, n); }, 1.0 * n);
     return 0;
 }
