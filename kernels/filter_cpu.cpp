@@ -1120,11 +1120,15 @@ static void dw_row_t(const LayerPlan& L, const int16_t* const rows[3], int16_t* 
     }
 }
 
+// Input pairs a point-wise step may hold in registers (more are read from the ring where they are
+// used: PIN = 0). AVX2 has 16 vector registers: holding 2 rows x 6 pairs beside 8 accumulators spilled,
+// and reading them from the ring took the 12->12 layer from 14 to 10 cycles per packed pixel and the
+// last layer from 2.5 to 1.8 (tools/kernel_layers.cpp, AMD Zen 3). AVX-512 has 32.
+constexpr int PIN_IN_REGISTERS = NLF_VW == 8 ? 2 : 8;
+
 template <int RQ>
 static void pw_dispatch(const LayerPlan& L, const int16_t* in, int16_t* out, int WB, int i0, int nvec) {
-#if NLF_VW == 8
-    if (L.pin > 2) return pw_row_t<RQ, 0>(L, in, out, WB, i0, nvec);  // AVX2: as in pw2_vp_dispatch (2.5 -> 1.8 cycles)
-#endif
+    if (L.pin > PIN_IN_REGISTERS) return pw_row_t<RQ, 0>(L, in, out, WB, i0, nvec);
     switch (L.pin) {
         case 1: return pw_row_t<RQ, 1>(L, in, out, WB, i0, nvec);
         case 2: return pw_row_t<RQ, 2>(L, in, out, WB, i0, nvec);
@@ -1205,12 +1209,7 @@ static void pw2_vp_t(const LayerPlan& L, const int16_t* in0, const int16_t* in1,
 template <int RQ>
 static void pw2_vp_dispatch(const LayerPlan& L, const int16_t* in0, const int16_t* in1, int16_t* out, int WB,
                             int i0, int nvec, bool valid0, bool valid1) {
-#if NLF_VW == 8
-    // AVX2: inputs held in registers (2 rows x pin pairs) beside 8 accumulators spill beyond 2 pairs;
-    // reading each input pair from the ring where it is used took the 12->12 layer from 14 to 10 cycles
-    // per packed pixel (tools/kernel_layers.cpp on AMD Zen 3)
-    if (L.pin > 2) return pw2_vp_t<RQ, 0>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
-#endif
+    if (L.pin > PIN_IN_REGISTERS) return pw2_vp_t<RQ, 0>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
     switch (L.pin) {
         case 1: return pw2_vp_t<RQ, 1>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
         case 2: return pw2_vp_t<RQ, 2>(L, in0, in1, out, WB, i0, nvec, valid0, valid1);
@@ -1231,8 +1230,8 @@ static void pw2_vp(const LayerPlan& L, const int16_t* in0, const int16_t* in1, i
 
 #if NLF_VW == 8
 // AVX2 (16 vector registers; the AVX-512 version below keeps 24 weight broadcasts and 16 accumulators
-// in its 32). Compiled for AVX2, that version spilled, and with 256-bit vectors its ~60 loads per step
-// (inputs loaded twice, weights, spills) made it load-bound at twice its arithmetic. Here one channel
+// in its 32). Compiled for AVX2, that version spilled: about 60 loads per step (inputs loaded twice,
+// weights, spills), 15.2 cycles per packed pixel against 12.4 for this one (AMD Zen 3). Here one channel
 // at a time crosses a chunk of the row with its 12 weight vectors in registers (the adds after
 // VPMADDWD have a latency of 1: its two accumulators suffice); the first channel's results wait in a
 // small buffer for the second's, with which they are packed into channel pairs.
