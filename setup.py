@@ -65,6 +65,14 @@ class BuildNativeKernel(build_ext):
         for ext in self.extensions:
             if ctype == "msvc":
                 ext.extra_compile_args = ["/O2", "/std:c++17"]
+        # Python's own compile flags (sysconfig CFLAGS) carry -fwrapv, which the first-use builds
+        # (buildflags.py) do not: with it the filter kernel's 1080p call took 10 % longer (defined
+        # signed overflow in its index arithmetic; AMD Zen 3, tools/kernel_ab.cpp). The kernels never
+        # rely on it: where they wrap, they compute in unsigned types.
+        for attr in ("compiler_so", "compiler_so_cxx"):  # C and (newer setuptools) C++ commands
+            cmd = getattr(self.compiler, attr, None)
+            if isinstance(cmd, list):
+                setattr(self.compiler, attr, [f for f in cmd if f not in ("-fwrapv", "-fno-strict-overflow")])
         super().build_extensions()
 
     def build_extension(self, ext: Extension) -> None:
