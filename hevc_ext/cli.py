@@ -239,6 +239,9 @@ def _print_encode_summary(report: Any) -> None:
         print(f"  wrote {d['outputs']['hevc']} and {side}")
     for c in d.get("commands", []):
         print(f"  backend command: {c}")
+    workdir = d.get("workdir")
+    if d.get("commands") and workdir and not workdir["kept"]:
+        print(f"  (the command's files were in {workdir['path']}, removed at the end; --keep-tmp keeps them)")
 
 
 def decode_sidecar(stream: str, sidecar: str | None, no_sidecar: bool) -> str | None:

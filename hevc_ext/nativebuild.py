@@ -33,11 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .commands import format_command, run_process_group
 from .errors import KernelError, NamedLibraryError
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+BUILD_TIMEOUT = 900.0  # seconds one compiler run may take
 
 
 def cache_dir() -> Path:
@@ -117,11 +119,11 @@ def compile_library(cmd: list[str], out: Path) -> None:
                           f"to a writable folder") from exc
     try:
         full = cmd + ["-o", tmp]
-        log.info("building: %s", " ".join(full))
-        proc = subprocess.run(full, capture_output=True, text=True, timeout=900)
+        log.info("building: %s", format_command(full))
+        proc = run_process_group(full, timeout=BUILD_TIMEOUT)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip()[-2000:]
-            raise KernelError(f"compiler failed ({proc.returncode}): {' '.join(full)}\n{tail}")
+            raise KernelError(f"compiler failed ({proc.returncode}): {format_command(full)}\n{tail}")
         os.chmod(tmp, 0o755)
         _digest_path(out).write_text(_digest(Path(tmp)))
         os.replace(tmp, out)

@@ -23,6 +23,7 @@ import numpy as np
 
 from .arch import ALL_PACKINGS, Architecture, Group, Packing
 from .backends import CodingConfig, get_backend
+from .commands import format_command
 from .errors import MismatchError, SideStreamError, UsageError
 from .gop import Segment, split
 from .hevcdec import HevcDecoder, decode_frames
@@ -375,6 +376,9 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
         report = _report(fmt, coding, config, result, segments, decisions,
                          len(side_bytes) if embedded is None else len(embedded) - hevc_bytes, hevc_bytes,
                          time.perf_counter() - t0, train_seconds, kernel.name, output_base)
+        # the backend's commands name files in the working directory, which exists after the run only
+        # with keep_tmp: the report says where it was and whether it is still there
+        report["workdir"] = {"path": str(workdir), "kept": config.keep_tmp}
         if side is None:
             if report["outputs"]:
                 report["outputs"]["side"] = None
@@ -608,7 +612,7 @@ def _report(fmt: VideoFormat, coding: CodingConfig, config: EncoderConfig, resul
         "encode_seconds": round(seconds, 2), "backend_seconds": round(result.seconds, 2),
         "train_seconds": round(train_seconds, 2), "kernel": kernel_name,
         "hash": config.hash_type.name.lower(),
-        "commands": [" ".join(str(a) for a in c) for c in result.commands],
+        "commands": [format_command(c) for c in result.commands],
         "backend_summary": result.summary,
         "per_frame": {"psnr_before": acc_b.per_frame(), "psnr_after": acc_a.per_frame(),
                       "hevc_bits": list(result.frame_bits)},

@@ -14,6 +14,8 @@ import os
 import re
 import select
 import signal
+import sys
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -650,6 +652,38 @@ def test_compiler_failure_is_reported(isolated_loader: pytest.MonkeyPatch) -> No
     isolated_loader.setattr(nativebuild, "find_cxx", lambda: "/bin/false")
     with pytest.raises(KernelError, match="compiler failed"):
         kernels.get_kernel("cpu")
+
+
+def _process_gone(pid: int, wait_s: float = 5.0) -> bool:
+    """The process has exited (no /proc entry, or a zombie nobody reaped yet), within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state == "Z":
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_build_stopped_early_leaves_no_compiler_running(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A first-use build that ends early (here its time limit; Ctrl-C and the CLI's SIGTERM exception
+    take the same path) kills the compiler's whole process group and leaves no partial library: killing
+    the driver alone left its children (cc1plus) running."""
+    pidfile = tmp_path / "child.pid"
+    fake = tmp_path / "fake-cxx"
+    fake.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > '{pidfile}'\nwait\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(nativebuild, "BUILD_TIMEOUT", 1.0)
+    out = tmp_path / "cache" / "lib.so"
+    with pytest.raises(KernelError, match="timed out"):
+        nativebuild.compile_library([str(fake)], out)
+    assert _process_gone(int(pidfile.read_text()))
+    assert list(out.parent.iterdir()) == []  # neither the library nor its temporary .part file
 
 
 def test_wrong_library_is_a_kernel_error(isolated_loader: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -274,6 +274,31 @@ def test_cli_json_report_and_progress_off(make_clip, tmp_path, capsys):
     assert sum(d["side_bytes"] for d in groups.values()) < rep["side_bytes"]  # + the header and unit framing
 
 
+def test_report_commands_can_be_pasted_and_say_where_their_files_were(make_clip, tmp_path, monkeypatch, capsys):
+    """The report's backend commands are shell-quoted (a working directory with a space in its name
+    stays one word) and the report says that directory is gone unless --keep-tmp kept it."""
+    import shlex
+    import tempfile
+
+    spaced = tmp_path / "work dir"
+    spaced.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spaced))
+    clip = make_clip(n=2, width=64, height=48)
+    for keep in (False, True):
+        args = ["encode", str(clip), "-o", str(tmp_path / f"c{keep}"), "--qp", "37", "--iterations", "5",
+                "--batch", "4", "--patch", "32", "--json", "-q"] + (["--keep-tmp"] if keep else [])
+        assert main(args) == 0
+        rep = json.loads(capsys.readouterr().out)
+        workdir = rep["workdir"]
+        assert workdir["kept"] is keep and workdir["path"].startswith(str(spaced))
+        words = shlex.split(rep["commands"][0])
+        assert f"{workdir['path']}/stream.hevc" in words
+        assert (tmp_path / workdir["path"]).is_dir() is keep
+    text = [a for a in args if a not in ("--json", "--keep-tmp", "-q")]  # the text report says it too
+    assert main(text) == 0
+    assert "removed at the end; --keep-tmp keeps them" in capsys.readouterr().out
+
+
 def test_stdin_y4m_encode(make_clip, tmp_path, monkeypatch):
     from hevc_ext.yuv import VideoWriter
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..errors import UsageError
-from .base import MODES, Backend, CodingConfig, EncodeResult, format_command
+from ..commands import format_command
+from .base import MODES, Backend, CodingConfig, EncodeResult
 
 BACKENDS = ("x265", "hm")
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import abc
 import logging
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from ..errors import UsageError
 from ..yuv import MemmapSource, VideoSource
@@ -80,11 +79,6 @@ class Backend(abc.ABC):
     def encode(self, source: VideoSource, config: CodingConfig, workdir: Path,
                progress: Progress | None = None) -> EncodeResult:
         """Encode ``source`` into ``workdir``; the result's files live there."""
-
-
-def format_command(argv: Sequence[str]) -> str:
-    """A command line a user can copy and paste into a POSIX shell."""
-    return " ".join(shlex.quote(str(a)) for a in argv)
 
 
 def frame_count(source: VideoSource, config: CodingConfig) -> int:

@@ -45,7 +45,8 @@ from ..hevcdec import HevcDecoder, decode_frames
 from ..hmlog import EncoderLog, display_order_bits, parse_decoder_log, parse_encoder_log, parse_version
 from ..metrics import PLANES, PsnrAccumulator, kbps
 from ..yuv import MemmapSource, VideoFormat, VideoSource, VideoWriter, is_y4m_name
-from .base import Backend, CodingConfig, EncodeResult, Progress, format_command, frame_count
+from ..commands import format_command
+from .base import Backend, CodingConfig, EncodeResult, Progress, frame_count
 
 log = logging.getLogger("hevc_ext.backends.hm")
 

@@ -25,7 +25,8 @@ import numpy as np
 from ..errors import BackendError, BackendUnavailableError, UsageError
 from ..hevcdec import HevcDecoder, pixel_format, planes_to_frame
 from ..yuv import MemmapSource, VideoSource, VideoWriter
-from .base import Backend, CodingConfig, EncodeResult, Progress, format_command, frame_count
+from ..commands import format_command
+from .base import Backend, CodingConfig, EncodeResult, Progress, frame_count
 
 log = logging.getLogger("hevc_ext.backends.x265")
 _VERSION_RE = re.compile(rb"x265 \(build (\d+)\) - ([^:\s]+)")
