@@ -965,7 +965,7 @@ static inline V vzero() { return _mm256_setzero_si256(); }
 static inline V vdot(V acc, V x, int32_t w) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, _mm256_set1_epi32(w))); }
 // the add in place, in asm: the compiler neither reassociates a chain of these (holding every product
 // in a register of its own) nor copies the accumulator between registers in each loop iteration (it
-// did both, and spilled: 10.2 -> 8.8 cycles per packed pixel in the 12->12 layer, AMD Zen 3)
+// did both, and spilled: 10.2 -> 8.6 cycles per packed pixel in the 12->12 layer, AMD Zen 3)
 static inline V vdot2(V acc, V x, V w) {
     const V m = _mm256_madd_epi16(x, w);
     __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(m));
