@@ -375,10 +375,7 @@ def encode(input_path: str, output_base: str | None, config: EncoderConfig, *, s
                             "this encode filters no picture: it has no side stream")
         report = _report(fmt, coding, config, result, segments, decisions,
                          len(side_bytes) if embedded is None else len(embedded) - hevc_bytes, hevc_bytes,
-                         time.perf_counter() - t0, train_seconds, kernel.name, output_base)
-        # the backend's commands name files in the working directory, which exists after the run only
-        # with keep_tmp: the report says where it was and whether it is still there
-        report["workdir"] = {"path": str(workdir), "kept": config.keep_tmp}
+                         time.perf_counter() - t0, train_seconds, kernel.name, output_base, workdir)
         if side is None:
             if report["outputs"]:
                 report["outputs"]["side"] = None
@@ -566,7 +563,8 @@ def _encode_group(src: VideoSource, recon: VideoSource, seg: Segment, group: Gro
 
 def _report(fmt: VideoFormat, coding: CodingConfig, config: EncoderConfig, result: Any, segments: list[Segment],
             decisions: dict[int, dict[Group, GroupDecision]], side_bytes: int, hevc_bytes: int,
-            seconds: float, train_seconds: float, kernel_name: str, output_base: str | None) -> dict:
+            seconds: float, train_seconds: float, kernel_name: str, output_base: str | None,
+            workdir: Path) -> dict:
     n = coding.frames or 0
     ysize = fmt.width * fmt.height
     csize = ysize // 4
@@ -613,6 +611,8 @@ def _report(fmt: VideoFormat, coding: CodingConfig, config: EncoderConfig, resul
         "train_seconds": round(train_seconds, 2), "kernel": kernel_name,
         "hash": config.hash_type.name.lower(),
         "commands": [format_command(c) for c in result.commands],
+        # those commands name files in the working directory, which outlives the run only with keep_tmp
+        "workdir": {"path": str(workdir), "kept": config.keep_tmp},
         "backend_summary": result.summary,
         "per_frame": {"psnr_before": acc_b.per_frame(), "psnr_after": acc_a.per_frame(),
                       "hevc_bits": list(result.frame_bits)},
