@@ -55,7 +55,8 @@ class ProgressPrinter:
             self.stream.flush()
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (also used by the scripts under tools/)."""
     try:
         value = int(text)
     except ValueError:
@@ -96,15 +97,15 @@ def _add_filter_options(p: argparse.ArgumentParser) -> None:
                         "auto (trained and chosen per segment by RD cost), 1x1, 1x2, 2x1, 2x2 (default: %(default)s)")
     g.add_argument("--pack-uv", default=None, metavar="P",
                    help="chroma pixel packing (default: 1x1, or auto with --pack auto)")
-    g.add_argument("--layers", type=_positive_int, default=5, help="layers of both networks (default: %(default)s)")
-    g.add_argument("--filters", type=_positive_int, default=12, help="filters per layer (default: %(default)s)")
-    g.add_argument("--uv-layers", type=_positive_int, default=None, help="layers of the chroma network")
-    g.add_argument("--uv-filters", type=_positive_int, default=None, help="filters of the chroma network")
+    g.add_argument("--layers", type=positive_int, default=5, help="layers of both networks (default: %(default)s)")
+    g.add_argument("--filters", type=positive_int, default=12, help="filters per layer (default: %(default)s)")
+    g.add_argument("--uv-layers", type=positive_int, default=None, help="layers of the chroma network")
+    g.add_argument("--uv-filters", type=positive_int, default=None, help="filters of the chroma network")
     g.add_argument("--iterations", type=_nonneg_int, default=None, help="training steps per network (default 600)")
     g.add_argument("--finetune-iterations", type=_nonneg_int, default=None,
                    help="low delay: steps when starting from the previous GoP's network (default 200)")
-    g.add_argument("--batch", type=_positive_int, default=None, help="patches per batch (default 64)")
-    g.add_argument("--patch", type=_positive_int, default=None, help="patch size (default 48)")
+    g.add_argument("--batch", type=positive_int, default=None, help="patches per batch (default 64)")
+    g.add_argument("--patch", type=positive_int, default=None, help="patch size (default 48)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.02)")
     g.add_argument("--seed", type=int, default=None, help="training seed (default 1234)")
     g.add_argument("--weight-bits", default=None, metavar="LIST",
@@ -132,10 +133,10 @@ def _add_coding_options(p: argparse.ArgumentParser) -> None:
                                                  "(default: %(default)s)")
     g.add_argument("--codec", default="x265", help="x265 (built into av; default) or hm (HEVC_NLF_HM_DIR)")
     g.add_argument("--qp", type=int, default=32, help="quantization parameter (default: %(default)s)")
-    g.add_argument("--frames", type=_positive_int, default=None, help="frames to encode (default: all)")
-    g.add_argument("--intra-period", type=_positive_int, default=32,
+    g.add_argument("--frames", type=positive_int, default=None, help="frames to encode (default: all)")
+    g.add_argument("--intra-period", type=positive_int, default=32,
                    help="random access: pictures between intra pictures = filter segment length (default 32)")
-    g.add_argument("--gop", type=_positive_int, default=5,
+    g.add_argument("--gop", type=positive_int, default=5,
                    help="low delay: pictures per filter GoP, 1..64 (the paper: 1..5) (default: %(default)s)")
     g.add_argument("--kernel", default="auto", choices=("auto", "cuda", "cpu", "reference"),
                    help="filter implementation (default: %(default)s)")

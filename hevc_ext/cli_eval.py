@@ -238,7 +238,7 @@ def cmd_bdrate(args: argparse.Namespace) -> int:
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
              add_common: Callable[[argparse.ArgumentParser], None]) -> None:
-    from .cli import _add_filter_options, _positive_int
+    from .cli import _add_filter_options, positive_int
 
     p = sub.add_parser(
         "eval", help="BD-rate evaluation over a folder of sequences (the paper's tables)",
@@ -254,18 +254,18 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     g.add_argument("--modes", default="ra,ldb,ldp", metavar="LIST", help="coding modes; ldb is skipped with x265 (default: %(default)s)")
     g.add_argument("--qps", default="22,27,32,37", metavar="LIST", help="QPs, 4 for a BD-rate (default: %(default)s)")
     g.add_argument("--codec", default="x265", help="x265 or hm (default: %(default)s)")
-    g.add_argument("--frames", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--frames", type=positive_int, default=None, metavar="N",
                    help="frames per sequence: min(N, available) (default: all)")
-    g.add_argument("--intra-period", type=_positive_int, default=32, help="random access intra period (default: %(default)s)")
-    g.add_argument("--gop", type=_positive_int, default=5, help="low delay filter GoP, 1..64 pictures (the paper: 1..5; default 5)")
+    g.add_argument("--intra-period", type=positive_int, default=32, help="random access intra period (default: %(default)s)")
+    g.add_argument("--gop", type=positive_int, default=5, help="low delay filter GoP, 1..64 pictures (the paper: 1..5; default 5)")
     g.add_argument("--kernel", default="auto", choices=("auto", "cuda", "cpu", "reference"),
                    help="filter implementation (default: %(default)s)")
-    g.add_argument("-j", "--jobs", type=_positive_int, default=1, help="parallel jobs (processes) (default: %(default)s)")
+    g.add_argument("-j", "--jobs", type=positive_int, default=1, help="parallel jobs (processes) (default: %(default)s)")
     g.add_argument("-o", "--output", required=True, metavar="RESULTS_DIR", help="results directory (the cache)")
     g.add_argument("--force", action="store_true", help="run every job again, ignoring cached results")
     g.add_argument("--dry-run", action="store_true", help="write plan.json and list the jobs; run nothing")
     g.add_argument("--no-decode-timing", action="store_true", help="skip the decode timing of each job (a warm-up and --decode-repeats timed decodes, plain and filtered)")
-    g.add_argument("--decode-repeats", type=_positive_int, default=3,
+    g.add_argument("--decode-repeats", type=positive_int, default=3,
                    help="timed decodes per job of each kind, plain and filtered; the minimum is kept (default: %(default)s)")
     g.add_argument("--no-plots", action="store_true", help="no RD plots")
     g.add_argument("--bd-method", default="pchip", choices=("pchip", "cubic"), help="BD interpolation (default: %(default)s)")

@@ -15,7 +15,6 @@ ones in the ranges the encoder signals (the fast kernel's domain); content is ra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import toolmain  # noqa: E402  (the repository first on sys.path)
 
 from hevc_ext import kernels, reference  # noqa: E402
 from hevc_ext.arch import Architecture, Group, Packing  # noqa: E402
@@ -122,11 +121,9 @@ def main(argv: list[str] | None = None) -> int:
               f"kernels generic/fast {row['kernels_ratio']:.2f}x | same output {same}", flush=True)
     res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}
     if args.out:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        tmp.replace(args.out)
+        toolmain.write_json(args.out, res, indent=1)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(toolmain.run(main))

@@ -14,7 +14,6 @@ verification inline instead of in its worker thread.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import toolmain  # noqa: E402  (the repository first on sys.path)
 
 from hevc_ext import machine, pipeline  # noqa: E402
 from hevc_ext.backends import CodingConfig  # noqa: E402
@@ -90,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  filtered / plain = {res['filtered_over_plain']:.2f}; hash inline / in its thread = "
           f"{res['inline_over_threaded_hash']:.2f}")
     if args.out:
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
+        toolmain.write_json(args.out, res)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(toolmain.run(main))

@@ -44,8 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import toolmain  # noqa: E402  (the repository first on sys.path)
 
 from hevc_ext import kernels, machine, reference  # noqa: E402
 from hevc_ext.arch import Architecture, Group  # noqa: E402
@@ -307,15 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--kernel", default="auto", choices=("auto", "cpu", "cuda"), help="kernel to measure")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (kernel, torch, decoder)")
-    ap.add_argument("--sizes", default=None, help="comma-separated WxH list (default: the standard set)")
-    ap.add_argument("--repeat", type=int, default=7, help="timing rounds per size (median)")
-    ap.add_argument("--inner", type=int, default=20, help="CUDA: calls per timing round (their mean)")
+    ap.add_argument("--threads", type=toolmain.positive_int, default=os.cpu_count() or 1, help="CPU threads (kernel, torch, decoder)")
+    ap.add_argument("--sizes", type=toolmain.frame_sizes, default=None, help="comma-separated WxH list (default: the standard set)")
+    ap.add_argument("--repeat", type=toolmain.positive_int, default=7, help="timing rounds per size (median)")
+    ap.add_argument("--inner", type=toolmain.positive_int, default=20, help="CUDA: calls per timing round (their mean)")
     ap.add_argument("--settle-ms", type=float, default=20.0,
                     help="pause before each timed round, so that no contender's spinning threads remain")
     ap.add_argument("--reference-max-pixels", type=int, default=832 * 480,
                     help="time the numpy reference only up to this many luma samples")
-    ap.add_argument("--decode-frames", type=int, default=8, help="frames encoded for the decode timing")
+    ap.add_argument("--decode-frames", type=toolmain.positive_int, default=8, help="frames encoded for the decode timing")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--no-decode", action="store_true", help="skip the PyAV decode timing")
     ap.add_argument("--sequences", type=Path, default=Path("/work/shared/sequences"), help="clips directory")
@@ -341,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             torch_ok = False
     sizes = GPU_SIZES if name == "cuda" else CPU_SIZES
     if args.sizes:
-        sizes = tuple(tuple(int(t) for t in s.lower().split("x")) for s in args.sizes.split(","))  # type: ignore[misc]
+        sizes = args.sizes
     rng = np.random.default_rng(args.seed)
     res: dict[str, Any] = {
         "kernel": kern.name, "isa": getattr(kern, "isa_name", None), "threads": args.threads,
@@ -372,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         res["gpu"] = __import__("torch").cuda.get_device_name(0) if torch_ok else None
     res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     if args.out:
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
+        toolmain.write_json(args.out, res)
     if args.json:
         print(json.dumps(res))
     else:
@@ -381,4 +380,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(toolmain.run(main))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import toolmain  # noqa: I001  (the repository first on sys.path)
 from hevc_ext import machine
 from hevc_ext.arch import Architecture, Group, Packing
 from hevc_ext.model import NlfNet, pack, unpack
@@ -116,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"machine": machine.summary(), "torch": torch.__version__, "engine": why,
            "results": results}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=2)
+        toolmain.write_json(args.out, doc)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -130,4 +130,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(toolmain.run(main))

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+import toolmain
+
 MODES = {"ra": 0, "ldb": 1, "ldp": 2}
 
 
@@ -62,4 +64,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(toolmain.run(main))

@@ -12,13 +12,13 @@ the raw reports as JSON and, with --update-readme, replaces the table between th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import toolmain  # noqa: E402  (the repository first on sys.path)
+
+REPO = toolmain.REPO
 
 from hevc_ext.backends import CodingConfig  # noqa: E402
 from hevc_ext.pipeline import EncoderConfig, encode  # noqa: E402
@@ -52,7 +52,7 @@ def main() -> int:
         "| mode | QP | segment | kbps HEVC | kbps + side | Y PSNR | ΔY dB | ΔU dB | ΔV dB | side bytes (per segment) | s |",
         "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
     print("\n" + table)
-    Path(args.out).write_text(json.dumps(reports, indent=1))
+    toolmain.write_json(args.out, reports, indent=1)
     if args.update_readme:
         readme = REPO / "README.md"
         text = readme.read_text(encoding="utf-8")
@@ -69,4 +69,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(toolmain.run(main))

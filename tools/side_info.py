@@ -20,8 +20,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import toolmain  # noqa: E402  (the repository first on sys.path)
 
 from hevc_ext.bdrate import bd_rate  # noqa: E402
 from hevc_ext.errors import NlfError  # noqa: E402
@@ -93,9 +92,9 @@ def main() -> int:
         print(f"| {cls} | {mode} | {' / '.join(_f(w[p]) for p in PLANES)} | {' / '.join(_f(wo[p]) for p in PLANES)} |")
         classes.append({"class": cls, "mode": mode, "bd_with_side": w, "bd_without_side": wo})
     if args.json:
-        Path(args.json).write_text(json.dumps({"sequences": rows, "classes": classes}, indent=1))
+        toolmain.write_json(args.json, {"sequences": rows, "classes": classes}, indent=1)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(toolmain.run(main))
