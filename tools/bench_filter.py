@@ -338,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         except ImportError:
             torch_ok = False
-    sizes = GPU_SIZES if name == "cuda" else CPU_SIZES
-    if args.sizes:
-        sizes = args.sizes
+    sizes = args.sizes or (GPU_SIZES if name == "cuda" else CPU_SIZES)
     rng = np.random.default_rng(args.seed)
     res: dict[str, Any] = {
         "kernel": kern.name, "isa": getattr(kern, "isa_name", None), "threads": args.threads,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import toolmain  # noqa: I001  (the repository first on sys.path)
+import toolmain  # the repository first on sys.path
 from hevc_ext import machine
 from hevc_ext.arch import Architecture, Group, Packing
 from hevc_ext.model import NlfNet, pack, unpack

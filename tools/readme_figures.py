@@ -62,9 +62,8 @@ def main() -> int:
             return 1
         head, rest = text.split(begin, 1)
         tail = rest.split(end, 1)[1]
-        tmp = readme.with_suffix(".md.part")
-        tmp.write_text(f"{head}{begin}\n{table}\n{end}{tail}", encoding="utf-8")
-        tmp.replace(readme)
+        with toolmain.atomic_output(readme) as f:
+            f.write(f"{head}{begin}\n{table}\n{end}{tail}".encode("utf-8"))
     return 0
 
 

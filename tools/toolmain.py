@@ -25,7 +25,7 @@ from hevc_ext.cli import positive_int  # noqa: E402  (the CLI's argparse type, f
 from hevc_ext.errors import NlfError  # noqa: E402
 from hevc_ext.files import atomic_output  # noqa: E402
 
-__all__ = ["REPO", "frame_sizes", "positive_int", "run", "write_json"]
+__all__ = ["REPO", "atomic_output", "frame_sizes", "positive_int", "run", "write_json"]
 
 
 def run(main: Callable[[], int]) -> int:
