@@ -21,10 +21,8 @@ TOOLS = ROOT / "tools"
 HAVE_CPU = bool(kernels.cpu_isas())
 
 
-def _tool(name: str, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-          timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(TOOLS / name), *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+def _tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(TOOLS / name), *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.skipif(not HAVE_CPU, reason="C++ kernel not built")
@@ -129,4 +127,3 @@ def test_kernel_layers_measures_each_row_kernel_against_its_multiply_bound(tmp_p
     for name, (muls, bound, ratio) in rows.items():
         assert bound == pytest.approx(muls / float(rate.group(1)), rel=0.02), name
         assert ratio > 0.9, (name, r.stdout)
-
